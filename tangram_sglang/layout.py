@@ -1,0 +1,75 @@
+"""Pool layout: where each (layer, kv_head) lives and how a KV byte budget splits.
+
+Pure arithmetic shared by `RaggedPool` (which allocates these sizes) and the `plan`
+command (which reports them), so the numbers a user plans with are the ones served.
+
+Group g owns one slot index space; slot s of group g holds, for every layer l, the K and
+V rows of the heads `heads[g][l]` (in that order). A group's slot therefore costs
+sum_l |heads[g][l]| * head_dim * 2 * dtype_bytes bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tangram_sglang.profile import Profile
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    heads: tuple[tuple[tuple[int, ...], ...], ...]
+    ratios: tuple[float, ...]
+
+    @classmethod
+    def from_profile(cls, profile: Profile, target_ratio: float | None = None) -> PoolLayout:
+        m = profile.model
+        heads = tuple(
+            tuple(tuple(sorted(g.heads_in_layer(layer))) for layer in range(m.num_layers))
+            for g in profile.groups
+        )
+        return cls(m.num_layers, m.num_kv_heads, m.head_dim, heads,
+                   profile.group_ratios(target_ratio))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.heads)
+
+    def heads_in(self, group: int, layer: int) -> tuple[int, ...]:
+        return self.heads[group][layer]
+
+    def locate(self, layer: int, head: int) -> tuple[int, int]:
+        """(group, row within that group's layer buffer) of one kv head."""
+        for g in range(self.num_groups):
+            members = self.heads[g][layer]
+            if head in members:
+                return g, members.index(head)
+        raise KeyError(f"(layer {layer}, head {head}) is in no group")
+
+    def slot_bytes(self, group: int, dtype_bytes: int) -> int:
+        rows = sum(len(h) for h in self.heads[group])
+        return rows * self.head_dim * 2 * dtype_bytes
+
+    def full_token_bytes(self, dtype_bytes: int) -> int:
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * dtype_bytes
+
+    def split_budget(
+        self, total_bytes: int, demand: Sequence[float], dtype_bytes: int, page_size: int = 1
+    ) -> tuple[int, ...]:
+        """Slots per group so that, for `demand` (slots per unit of work), groups run out
+        together; each count is rounded down to whole pages."""
+        if len(demand) != self.num_groups:
+            raise ValueError(f"demand has {len(demand)} entries for {self.num_groups} groups")
+        unit_bytes = sum(d * self.slot_bytes(g, dtype_bytes) for g, d in enumerate(demand))
+        if unit_bytes <= 0:
+            raise ValueError("demand must be positive for at least one group")
+        units = total_bytes / unit_bytes
+        return tuple(int(units * d) // page_size * page_size for d in demand)
+
+
+def sessions_that_fit(slots: Sequence[int], per_session: Sequence[int]) -> int:
+    """How many identical sessions fit at once: the first group to run out decides."""
+    return min(s // p for s, p in zip(slots, per_session, strict=True) if p > 0)

@@ -1,0 +1,110 @@
+"""Capacity planning: how many multi-turn sessions fit in a KV budget, per layout.
+
+Compares, for one workload shape, full KV, uniform compression at the target ratio,
+the profile's per-head budgets on a single-length paged pool (every head padded to the
+largest reserved ratio: what a stock paged engine must do), and Tangram's head-group
+pools. All numbers come from `budget.session_slots` and `PoolLayout.split_budget`, the
+same functions `RaggedPool` sizes itself with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tangram_sglang.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.layout import PoolLayout, sessions_that_fit
+from tangram_sglang.profile import Profile
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    name: str
+    bytes_per_session: int
+    sessions: int
+
+
+@dataclass(frozen=True)
+class GroupSplit:
+    gid: int
+    ratio: float
+    heads: int
+    slots: int
+    bytes: int
+    slots_per_session: int
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    rows: tuple[PlanRow, ...]
+    groups: tuple[GroupSplit, ...]
+
+
+def _single_group_row(
+    name: str, ratio: float, layout: PoolLayout, turns, rule: BudgetRule, budget: int, dtype_bytes
+) -> PlanRow:
+    per_session = session_slots(turns, [ratio], rule)[0] * layout.full_token_bytes(dtype_bytes)
+    return PlanRow(name, per_session, budget // per_session)
+
+
+def capacity_plan(
+    profile: Profile,
+    kv_bytes: int,
+    workload: Workload,
+    dtype_bytes: int = 2,
+    page_size: int = 1,
+    target_ratio: float | None = None,
+) -> CapacityPlan:
+    c = profile.calibration
+    rule = BudgetRule(sink=c.sink, window=c.window, page_size=page_size)
+    layout = PoolLayout.from_profile(profile, target_ratio)
+    turns = workload.turn_shapes()
+    ratio = target_ratio if target_ratio is not None else c.base_ratio
+    scale = ratio / c.base_ratio
+    padded = min(1.0, max(h.reserved for h in profile.heads) * scale)
+
+    demand = session_slots(turns, layout.ratios, rule)
+    slots = layout.split_budget(kv_bytes, demand, dtype_bytes, page_size)
+    groups = tuple(
+        GroupSplit(
+            g, layout.ratios[g], sum(len(h) for h in layout.heads[g]), slots[g],
+            slots[g] * layout.slot_bytes(g, dtype_bytes), demand[g],
+        )
+        for g in range(layout.num_groups)
+    )
+    tangram_bytes = sum(d * layout.slot_bytes(g, dtype_bytes) for g, d in enumerate(demand))
+    rows = (
+        _single_group_row("full KV", 1.0, layout, turns, rule, kv_bytes, dtype_bytes),
+        _single_group_row(f"uniform {ratio:.0%}", ratio, layout, turns, rule, kv_bytes,
+                          dtype_bytes),
+        _single_group_row("per-head, one paged pool", padded, layout, turns, rule, kv_bytes,
+                          dtype_bytes),
+        PlanRow("tangram head groups", tangram_bytes, sessions_that_fit(slots, demand)),
+    )
+    return CapacityPlan(rows, groups)
+
+
+def format_plan(plan: CapacityPlan, profile: Profile, kv_bytes: int, workload: Workload) -> str:
+    m = profile.model
+    full = plan.rows[0]
+    lines = [
+        f"model {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} kv heads, head_dim "
+        f"{m.head_dim}), method {profile.method}, {profile.num_groups} head groups",
+        f"KV budget {kv_bytes / 2**30:.2f} GiB; session: {workload.context} context tokens, "
+        f"{workload.turns} turns of {workload.user_tokens} user + {workload.answer_tokens} "
+        "answer tokens",
+        "",
+        f"{'layout':<28}{'MiB/session':>12}{'sessions':>10}{'vs full':>9}",
+    ]
+    for row in plan.rows:
+        gain = row.sessions / full.sessions if full.sessions else float("inf")
+        lines.append(
+            f"{row.name:<28}{row.bytes_per_session / 2**20:>12.2f}{row.sessions:>10}{gain:>8.2f}x"
+        )
+    lines += ["", f"{'group':<7}{'ratio':>8}{'heads':>7}{'slots':>12}{'MiB':>10}"
+                  f"{'slots/session':>15}"]
+    for g in plan.groups:
+        lines.append(
+            f"{g.gid:<7}{g.ratio:>8.3f}{g.heads:>7}{g.slots:>12}{g.bytes / 2**20:>10.1f}"
+            f"{g.slots_per_session:>15}"
+        )
+    return "\n".join(lines)

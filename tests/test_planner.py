@@ -1,0 +1,73 @@
+"""Capacity planning agrees with the budget rule and the pool split it is built from."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tangram_sglang.__main__ import main
+from tangram_sglang.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.layout import PoolLayout
+from tangram_sglang.planner import capacity_plan
+from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.synthetic import synthetic_profile
+
+CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 6, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "hidden_size": 512, "head_dim": 64,
+}
+MODEL = ModelIdentity.from_hf_config(CONFIG)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_tangram_sessions_fit_their_group_pools(page_size):
+    rng = np.random.default_rng()
+    profile = synthetic_profile(MODEL, float(rng.uniform(0.1, 0.5)), seed=int(rng.integers(1e6)))
+    workload = Workload(int(rng.integers(500, 5000)), int(rng.integers(1, 5)), 100, 50)
+    kv_bytes = int(rng.integers(2**28, 2**31))
+    plan = capacity_plan(profile, kv_bytes, workload, 2, page_size)
+    tangram = plan.rows[-1]
+    layout = PoolLayout.from_profile(profile)
+    total = sum(g.bytes for g in plan.groups)
+    assert total <= kv_bytes, f"groups use {total} bytes of a {kv_bytes} budget"
+    for g in plan.groups:
+        assert g.slots % page_size == 0
+        assert g.bytes == g.slots * layout.slot_bytes(g.gid, 2)
+        assert tangram.sessions * g.slots_per_session <= g.slots
+    # groups run out together: one more session would not fit in at least one group,
+    # and no group has room for two more.
+    assert any((tangram.sessions + 1) * g.slots_per_session > g.slots for g in plan.groups)
+    assert all((tangram.sessions + 2) * g.slots_per_session > g.slots for g in plan.groups)
+
+
+def test_full_ratio_profile_plans_like_full_kv():
+    profile = uniform_profile(MODEL, 1.0)
+    workload = Workload(4096, 3, 128, 64)
+    plan = capacity_plan(profile, 2**30, workload)
+    full, uniform, padded, tangram = plan.rows
+    assert full.bytes_per_session == tangram.bytes_per_session == padded.bytes_per_session
+    assert abs(full.sessions - tangram.sessions) <= 1
+    rule = BudgetRule(sink=4, window=32)
+    assert plan.groups[0].slots_per_session == session_slots(workload.turn_shapes(), [1.0], rule)[0]
+
+
+def test_plan_command_prints_the_table(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    synthetic_profile(MODEL, 0.25).save(path)
+    assert main(["plan", "--profile", str(path), "--kv-gib", "2"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("full KV", "uniform 25%", "tangram head groups", "slots/session"):
+        assert needle in out
+
+
+def test_plan_command_reports_a_bad_profile_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: tangram-profile/1\nmethod: ada-snapkv\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tangram_sglang", "plan", "--profile", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "profile field 'model': is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
