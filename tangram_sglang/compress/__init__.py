@@ -1,0 +1,47 @@
+"""KV compression scorers (one small class per method) and the shared selection path."""
+
+from tangram_sglang.compress.ada_snapkv import AdaSnapKV
+from tangram_sglang.compress.base import (
+    Scorer,
+    ada_allocation,
+    forced_mask,
+    group_mean,
+    pool1d,
+    select,
+    window_attention,
+)
+from tangram_sglang.compress.duo import DuoAttention, duo_split
+from tangram_sglang.compress.expected_attention import ExpectedAttention
+from tangram_sglang.compress.keydiff import KeyDiff
+from tangram_sglang.compress.snapkv import SnapKV
+from tangram_sglang.compress.streaming import StreamingLLM
+from tangram_sglang.compress.tova import TOVA
+
+SCORERS: dict[str, type[Scorer]] = {
+    "snapkv": SnapKV,
+    "ada-snapkv": AdaSnapKV,
+    "expected-attention": ExpectedAttention,
+    "keydiff": KeyDiff,
+    "tova": TOVA,
+    "streaming": StreamingLLM,
+    "duo": DuoAttention,
+}
+
+__all__ = [
+    "SCORERS",
+    "AdaSnapKV",
+    "DuoAttention",
+    "ExpectedAttention",
+    "KeyDiff",
+    "Scorer",
+    "SnapKV",
+    "StreamingLLM",
+    "TOVA",
+    "ada_allocation",
+    "duo_split",
+    "forced_mask",
+    "group_mean",
+    "pool1d",
+    "select",
+    "window_attention",
+]
