@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--turns must be >= 1 and token counts >= 0")
         workload = Workload(args.context, args.turns, args.user_tokens, args.answer_tokens)
         kv_bytes = int(args.kv_gib * 2**30)
-        plan = capacity_plan(profile, kv_bytes, workload, args.dtype_bytes, args.page_size,
-                             args.ratio)
+        plan = capacity_plan(
+            profile, kv_bytes, workload, args.dtype_bytes, args.page_size, args.ratio
+        )
     except (ProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -103,8 +103,11 @@ def per_layer_grouping(ratios: np.ndarray, max_groups: int) -> Grouping:
     envelope = np.take_along_axis(r, order, axis=1).max(axis=0)
     runs = partition_sorted(envelope, min(max_groups, heads))
     members = [
-        tuple(sorted(int(layer * heads + order[layer, j]) for layer in range(layers)
-                     for j in range(a, b)))
+        tuple(
+            sorted(
+                int(layer * heads + order[layer, j]) for layer in range(layers) for j in range(a, b)
+            )
+        )
         for a, b in runs
     ]
     return _evaluate(r.reshape(-1), members)

@@ -31,8 +31,9 @@ class PoolLayout:
             tuple(tuple(sorted(g.heads_in_layer(layer))) for layer in range(m.num_layers))
             for g in profile.groups
         )
-        return cls(m.num_layers, m.num_kv_heads, m.head_dim, heads,
-                   profile.group_ratios(target_ratio))
+        return cls(
+            m.num_layers, m.num_kv_heads, m.head_dim, heads, profile.group_ratios(target_ratio)
+        )
 
     @property
     def num_groups(self) -> int:
@@ -68,6 +69,28 @@ class PoolLayout:
             raise ValueError("demand must be positive for at least one group")
         units = total_bytes / unit_bytes
         return tuple(int(units * d) // page_size * page_size for d in demand)
+
+    def pool_slots(
+        self, total_bytes: int, demand: Sequence[float], dtype_bytes: int, page_size: int = 1
+    ) -> tuple[int, ...]:
+        """Usable slots per group of a pool whose storage, padding page included, fits in
+        `total_bytes` (what `RaggedPool.from_budget` allocates and `plan` reports)."""
+        if any(d < 0 for d in demand):
+            raise ValueError(f"demand {tuple(demand)} has a negative entry")
+        slot_bytes = [self.slot_bytes(g, dtype_bytes) for g in range(self.num_groups)]
+        padding = page_size * sum(slot_bytes)
+        if total_bytes <= padding:
+            raise ValueError(
+                f"total_bytes {total_bytes} does not even cover the padding pages ({padding} bytes)"
+            )
+        slots = list(self.split_budget(total_bytes - padding, demand, dtype_bytes, page_size))
+        # split_budget floors in floating point; shave a page where rounding overshot.
+        while sum((s + page_size) * b for s, b in zip(slots, slot_bytes, strict=True)) > (
+            total_bytes
+        ):
+            g = max(range(len(slots)), key=lambda i: slots[i] * slot_bytes[i])
+            slots[g] -= page_size
+        return tuple(slots)
 
 
 def sessions_that_fit(slots: Sequence[int], per_session: Sequence[int]) -> int:

@@ -63,21 +63,27 @@ def capacity_plan(
     padded = min(1.0, max(h.reserved for h in profile.heads) * scale)
 
     demand = session_slots(turns, layout.ratios, rule)
-    slots = layout.split_budget(kv_bytes, demand, dtype_bytes, page_size)
+    slots = layout.pool_slots(kv_bytes, demand, dtype_bytes, page_size)
     groups = tuple(
         GroupSplit(
-            g, layout.ratios[g], sum(len(h) for h in layout.heads[g]), slots[g],
-            slots[g] * layout.slot_bytes(g, dtype_bytes), demand[g],
+            g,
+            layout.ratios[g],
+            sum(len(h) for h in layout.heads[g]),
+            slots[g],
+            slots[g] * layout.slot_bytes(g, dtype_bytes),
+            demand[g],
         )
         for g in range(layout.num_groups)
     )
     tangram_bytes = sum(d * layout.slot_bytes(g, dtype_bytes) for g, d in enumerate(demand))
     rows = (
         _single_group_row("full KV", 1.0, layout, turns, rule, kv_bytes, dtype_bytes),
-        _single_group_row(f"uniform {ratio:.0%}", ratio, layout, turns, rule, kv_bytes,
-                          dtype_bytes),
-        _single_group_row("per-head, one paged pool", padded, layout, turns, rule, kv_bytes,
-                          dtype_bytes),
+        _single_group_row(
+            f"uniform {ratio:.0%}", ratio, layout, turns, rule, kv_bytes, dtype_bytes
+        ),
+        _single_group_row(
+            "per-head, one paged pool", padded, layout, turns, rule, kv_bytes, dtype_bytes
+        ),
         PlanRow("tangram head groups", tangram_bytes, sessions_that_fit(slots, demand)),
     )
     return CapacityPlan(rows, groups)
@@ -100,8 +106,10 @@ def format_plan(plan: CapacityPlan, profile: Profile, kv_bytes: int, workload: W
         lines.append(
             f"{row.name:<28}{row.bytes_per_session / 2**20:>12.2f}{row.sessions:>10}{gain:>8.2f}x"
         )
-    lines += ["", f"{'group':<7}{'ratio':>8}{'heads':>7}{'slots':>12}{'MiB':>10}"
-                  f"{'slots/session':>15}"]
+    lines += [
+        "",
+        f"{'group':<7}{'ratio':>8}{'heads':>7}{'slots':>12}{'MiB':>10}{'slots/session':>15}",
+    ]
     for g in plan.groups:
         lines.append(
             f"{g.gid:<7}{g.ratio:>8.3f}{g.heads:>7}{g.slots:>12}{g.bytes / 2**20:>10.1f}"

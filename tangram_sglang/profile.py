@@ -346,16 +346,29 @@ def _parse(data: Any) -> Profile:
         ModelIdentity,
         _require(data, "model", ""),
         "model",
-        [("architecture", str), ("num_layers", int), ("num_q_heads", int),
-         ("num_kv_heads", int), ("head_dim", int), ("fingerprint", str)],
+        [
+            ("architecture", str),
+            ("num_layers", int),
+            ("num_q_heads", int),
+            ("num_kv_heads", int),
+            ("head_dim", int),
+            ("fingerprint", str),
+        ],
     )
     calib_data = _require(data, "calibration", "")
     calib = _record(
         Calibration,
         calib_data,
         "calibration",
-        [("samples", int), ("base_ratio", float), ("seed", int), ("alpha", float),
-         ("sink", int), ("window", int), ("dataset", str)],
+        [
+            ("samples", int),
+            ("base_ratio", float),
+            ("seed", int),
+            ("alpha", float),
+            ("sink", int),
+            ("window", int),
+            ("dataset", str),
+        ],
     )
     heads_data = _require(data, "heads", "")
     if not isinstance(heads_data, list):
@@ -365,8 +378,15 @@ def _parse(data: Any) -> Profile:
             HeadStats,
             item,
             f"heads[{i}]",
-            [("layer", int), ("head", int), ("mean", float), ("std", float), ("p90", float),
-             ("reserved", float), ("rank", int)],
+            [
+                ("layer", int),
+                ("head", int),
+                ("mean", float),
+                ("std", float),
+                ("p90", float),
+                ("reserved", float),
+                ("rank", int),
+            ],
         )
         for i, item in enumerate(heads_data)
     )

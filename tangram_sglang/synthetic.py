@@ -34,16 +34,28 @@ def profile_from_table(
     rank[order] = np.arange(order.size)
     heads = tuple(
         HeadStats(
-            layer, head, float(mean[layer, head]), float(std[layer, head]),
-            float(max(p90[layer, head], 1e-6)), float(reserved[layer, head]),
+            layer,
+            head,
+            float(mean[layer, head]),
+            float(std[layer, head]),
+            float(max(p90[layer, head], 1e-6)),
+            float(reserved[layer, head]),
             int(rank[layer * model.num_kv_heads + head]),
         )
         for layer in range(model.num_layers)
         for head in range(model.num_kv_heads)
     )
     groups, report = build_groups(heads, model.num_layers, model.num_kv_heads, max_groups, grouping)
-    return Profile(model, method, calibration, heads, groups, grouping, rank_stability,
-                   extra={k: round(v, 4) for k, v in report.items()})
+    return Profile(
+        model,
+        method,
+        calibration,
+        heads,
+        groups,
+        grouping,
+        rank_stability,
+        extra={k: round(v, 4) for k, v in report.items()},
+    )
 
 
 def synthetic_profile(
@@ -61,5 +73,6 @@ def synthetic_profile(
     raw = rng.lognormal(mean=0.0, sigma=spread, size=shape)
     mean = np.clip(raw / raw.mean() * ratio, 0.01, 1.0)
     calib = Calibration(0, ratio, seed, 2.0, 4, 32, f"synthetic-lognormal-{spread}")
-    return profile_from_table(model, mean, rel_std * mean, "ada-snapkv", calib, max_groups,
-                              grouping)
+    return profile_from_table(
+        model, mean, rel_std * mean, "ada-snapkv", calib, max_groups, grouping
+    )

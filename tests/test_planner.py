@@ -14,8 +14,12 @@ from tangram_sglang.profile import ModelIdentity, uniform_profile
 from tangram_sglang.synthetic import synthetic_profile
 
 CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 6, "num_attention_heads": 16,
-    "num_key_value_heads": 4, "hidden_size": 512, "head_dim": 64,
+    "architectures": ["Qwen3ForCausalLM"],
+    "num_hidden_layers": 6,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "hidden_size": 512,
+    "head_dim": 64,
 }
 MODEL = ModelIdentity.from_hf_config(CONFIG)
 
@@ -66,8 +70,25 @@ def test_plan_command_reports_a_bad_profile_without_a_traceback(tmp_path):
     bad.write_text("format: tangram-profile/1\nmethod: ada-snapkv\n")
     proc = subprocess.run(
         [sys.executable, "-m", "tangram_sglang", "plan", "--profile", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "profile field 'model': is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_reports_the_slots_a_ragged_pool_allocates():
+    import torch
+
+    from tangram_sglang.pool import RaggedPool
+
+    profile = synthetic_profile(MODEL, 0.3, seed=int(np.random.default_rng().integers(1e6)))
+    workload = Workload(2000, 2, 64, 32)
+    kv_bytes = 24 * 2**20
+    plan = capacity_plan(profile, kv_bytes, workload, 2, 16)
+    demand = [g.slots_per_session for g in plan.groups]
+    pool = RaggedPool.from_budget(profile, kv_bytes, torch.float16, "cpu", 4, 64, 16, demand=demand)
+    assert tuple(pool.slots) == tuple(g.slots for g in plan.groups)
+    assert pool.sessions_that_fit(demand) == plan.rows[-1].sessions

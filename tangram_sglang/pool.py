@@ -1,0 +1,558 @@
+"""Ragged head-group pools: one SGLang allocator and one slot space per head group.
+
+Group g's heads keep the same tokens, so they share one slot index space, handed out by
+SGLang's own `TokenToKVPoolAllocator` (page_size 1) or `PagedTokenToKVPoolAllocator`
+(whole pages through `alloc`; their `alloc_extend/alloc_decode` need a GPU kernel and a
+SGLang-shaped batch, which the pool does not need). The allocators manage indices only;
+the bytes live here, laid out as docs/pool-layout.md draws:
+
+- Slots `0..page_size-1` of every group are padding (SGLang's slot-0 convention: padded
+  batch entries write there harmlessly), so group g's buffers have `S_g + page_size`
+  slots.
+- Per layer one contiguous K and one V storage `[rows_l, head_dim]`; group g's view is
+  `[S_g + page_size, n_{g,l}, head_dim]` starting at row `base_row[l][g]`, and kv head h
+  of layer l (member j of group g) reads slot s at row
+  `head_base[l, h] + s * head_stride[l, h]` (= base_row[l][g] + j + s * n_{g,l}).
+
+Request rows follow SGLang's `ReqToTokenPool`: rows `1..max_requests`, row 0 padding.
+
+Reservation vs written length (the one convention to remember): per group, a row owns
+the slots `req_to_slot[g, r, :reserved]` in reservation order, and the first
+`group_lens[g, r]` of them hold written K/V in token order (what attention reads). The
+rest are reserved, not yet written: the next tokens of the row go there, in order, so
+`next_slots` / `decode_slots` read where to write straight from the table (as SGLang's
+`req_to_token` holds `out_cache_loc` before the forward). `reserve` adds slots at the end
+of the reservation, `append` / `append_decode` advance `group_lens` over slots already
+reserved, `trim` returns unwritten whole pages, `release` frees everything the row owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+from tangram_sglang.layout import PoolLayout, sessions_that_fit
+from tangram_sglang.profile import Profile
+
+
+class PoolExhausted(ValueError):
+    """A reservation that does not fit; nothing was reserved."""
+
+
+@dataclass(frozen=True)
+class RaggedKV:
+    """What attention reads for one layer (the ragged storage contract).
+
+    `k`, `v`: the layer's storages `[rows, head_dim]`; `head_group`, `head_base`,
+    `head_stride`: `[Hkv]` per-head tables; `req_to_slot` `[G, R+1, C]` int32 and
+    `group_lens` `[G, R+1]` int32: request rows' slots per group and how many are written.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    head_group: torch.Tensor
+    head_base: torch.Tensor
+    head_stride: torch.Tensor
+    req_to_slot: torch.Tensor
+    group_lens: torch.Tensor
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.head_group.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[1]
+
+    def head_slots(self, head: int, row: int) -> torch.Tensor:
+        """Written slots (token order) of request row `row` as kv head `head` sees them."""
+        g = int(self.head_group[head])
+        return self.req_to_slot[g, row, : int(self.group_lens[g, row])].long()
+
+    def head_rows(self, head: int, slots: torch.Tensor) -> torch.Tensor:
+        """Storage rows of kv head `head` at `slots`."""
+        return self.head_base[head] + slots.long() * self.head_stride[head].long()
+
+
+def _as_layout(layout: PoolLayout | Profile, target_ratio: float | None) -> PoolLayout:
+    if isinstance(layout, Profile):
+        return PoolLayout.from_profile(layout, target_ratio)
+    if target_ratio is not None:
+        raise ValueError("target_ratio applies to a Profile; a PoolLayout already has ratios")
+    return layout
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class RaggedPool:
+    """Per-group allocators, per-layer K/V storage and per-request slot tables."""
+
+    def __init__(
+        self,
+        layout: PoolLayout | Profile,
+        slots: Sequence[int],
+        dtype: torch.dtype,
+        device: str | torch.device,
+        max_requests: int,
+        max_context: int,
+        page_size: int = 1,
+        target_ratio: float | None = None,
+    ) -> None:
+        self.layout = _as_layout(layout, target_ratio)
+        self.page_size = int(page_size)
+        self.slots = tuple(int(s) for s in slots)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_requests = int(max_requests)
+        self.max_context = int(max_context)
+        self._check_args()
+        G, L = self.num_groups, self.layout.num_layers
+        self.allocators = [self._make_allocator(s) for s in self.slots]
+        self.base_row = self._base_rows()
+        rows = [self.base_row[layer][-1] + self._group_rows(G - 1, layer) for layer in range(L)]
+        D = self.layout.head_dim
+        self.k_storage = [torch.zeros(r, D, dtype=dtype, device=self.device) for r in rows]
+        self.v_storage = [torch.zeros(r, D, dtype=dtype, device=self.device) for r in rows]
+        self.head_group, self.head_base, self.head_stride = self._head_tables()
+        self._head_index = [
+            [
+                torch.tensor(self.layout.heads[g][layer], dtype=torch.long, device=self.device)
+                for layer in range(L)
+            ]
+            for g in range(G)
+        ]
+
+        R1 = self.max_requests + 1
+        self.req_to_slot = torch.zeros(
+            (G, R1, self.max_context), dtype=torch.int32, device=self.device
+        )
+        self.group_lens = torch.zeros((G, R1), dtype=torch.int32, device=self.device)
+        # Host mirrors, so that capacity checks never read the device.
+        self._lens = torch.zeros((G, R1), dtype=torch.int64)
+        self._reserved = torch.zeros((G, R1), dtype=torch.int64)
+        self._free_rows = list(range(1, R1))
+        self._active = [False] * R1
+
+    @classmethod
+    def from_budget(
+        cls,
+        profile_or_layout: PoolLayout | Profile,
+        total_bytes: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        max_requests: int,
+        max_context: int,
+        page_size: int = 1,
+        target_ratio: float | None = None,
+        demand: Sequence[float] | None = None,
+    ) -> RaggedPool:
+        """A pool whose K/V storage (padding slots included) fits in `total_bytes`, split
+        so that groups run out together for `demand` (slots per unit of work per group;
+        default the group ratios, i.e. slots per logical token; or a workload's
+        `budget.session_slots`)."""
+        layout = _as_layout(profile_or_layout, target_ratio)
+        demand = tuple(layout.ratios if demand is None else demand)
+        slots = layout.pool_slots(total_bytes, demand, _dtype_bytes(dtype), page_size)
+        return cls(layout, slots, dtype, device, max_requests, max_context, page_size)
+
+    # ---- construction helpers -------------------------------------------------------
+
+    def _check_args(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size {self.page_size} must be >= 1")
+        if len(self.slots) != self.num_groups:
+            raise ValueError(f"slots has {len(self.slots)} entries for {self.num_groups} groups")
+        for g, s in enumerate(self.slots):
+            if s < 0 or s % self.page_size:
+                raise ValueError(
+                    f"slots[{g}] = {s} must be a non-negative multiple of page_size "
+                    f"{self.page_size}"
+                )
+        if self.max_requests < 1 or self.max_context < 1:
+            raise ValueError(
+                f"max_requests {self.max_requests} and max_context {self.max_context} must be >= 1"
+            )
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype {self.dtype} is not a floating point type")
+        every_head = list(range(self.layout.num_kv_heads))
+        for layer in range(self.layout.num_layers):
+            stored = sorted(h for group in self.layout.heads for h in group[layer])
+            if stored != every_head:
+                raise ValueError(
+                    f"layout: layer {layer} stores kv heads {stored}; every head "
+                    f"0..{self.layout.num_kv_heads - 1} must be in exactly one group"
+                )
+
+    def _make_allocator(self, size: int) -> BaseTokenToKVPoolAllocator:
+        # kvcache=None: the allocators hand out indices; the bytes are this pool's.
+        device = str(self.device)
+        if self.page_size == 1:
+            return TokenToKVPoolAllocator(size, self.dtype, device, None, False)
+        return PagedTokenToKVPoolAllocator(size, self.page_size, self.dtype, device, None, False)
+
+    def _group_rows(self, group: int, layer: int) -> int:
+        return (self.slots[group] + self.page_size) * len(self.layout.heads[group][layer])
+
+    def _base_rows(self) -> tuple[tuple[int, ...], ...]:
+        """`base_row[l][g]`: first storage row of group g in layer l (groups in gid order)."""
+        out = []
+        for layer in range(self.num_layers):
+            starts, row = [], 0
+            for g in range(self.num_groups):
+                starts.append(row)
+                row += self._group_rows(g, layer)
+            out.append(tuple(starts))
+        return tuple(out)
+
+    def _head_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`head_group`, `head_base`, `head_stride`, each `[L, Hkv]` (see module docstring)."""
+        shape = (self.num_layers, self.layout.num_kv_heads)
+        group = torch.zeros(shape, dtype=torch.int32)
+        base = torch.zeros(shape, dtype=torch.int64)
+        stride = torch.zeros(shape, dtype=torch.int32)
+        for layer in range(self.num_layers):
+            for g in range(self.num_groups):
+                members = self.layout.heads[g][layer]
+                for j, h in enumerate(members):
+                    group[layer, h] = g
+                    base[layer, h] = self.base_row[layer][g] + j
+                    stride[layer, h] = len(members)
+        return group.to(self.device), base.to(self.device), stride.to(self.device)
+
+    # ---- shape and size -------------------------------------------------------------
+
+    @property
+    def num_groups(self) -> int:
+        return self.layout.num_groups
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    def heads_in(self, group: int, layer: int) -> tuple[int, ...]:
+        return self.layout.heads[group][layer]
+
+    def bytes_per_group(self) -> tuple[int, ...]:
+        """K and V bytes of each group over all layers, padding slots included."""
+        nbytes = _dtype_bytes(self.dtype)
+        return tuple(
+            (s + self.page_size) * self.layout.slot_bytes(g, nbytes)
+            for g, s in enumerate(self.slots)
+        )
+
+    def total_bytes(self) -> int:
+        """K/V storage bytes (the tables `req_to_slot`/`group_lens` are not counted)."""
+        return sum(self.bytes_per_group())
+
+    def table_bytes(self) -> int:
+        return (self.req_to_slot.numel() + self.group_lens.numel()) * 4
+
+    def sessions_that_fit(self, per_session_slots: Sequence[int]) -> int:
+        return sessions_that_fit(self.slots, per_session_slots)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "groups": self.num_groups,
+            "ratios": [round(r, 4) for r in self.layout.ratios],
+            "heads_per_group": [sum(len(h) for h in hs) for hs in self.layout.heads],
+            "slots": list(self.slots),
+            "free_slots": list(self.free_slots()),
+            "bytes_per_group": list(self.bytes_per_group()),
+            "total_bytes": self.total_bytes(),
+            "table_bytes": self.table_bytes(),
+            "page_size": self.page_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "max_requests": self.max_requests,
+            "max_context": self.max_context,
+        }
+
+    # ---- storage views --------------------------------------------------------------
+
+    def k_buffer(self, group: int, layer: int) -> torch.Tensor:
+        """`[S_g + page_size, n_{g,l}, head_dim]` view of group `group`'s K in `layer`."""
+        return self._view(self.k_storage[layer], group, layer)
+
+    def v_buffer(self, group: int, layer: int) -> torch.Tensor:
+        return self._view(self.v_storage[layer], group, layer)
+
+    def _view(self, storage: torch.Tensor, group: int, layer: int) -> torch.Tensor:
+        n = len(self.layout.heads[group][layer])
+        start = self.base_row[layer][group]
+        count = self.slots[group] + self.page_size
+        return storage[start : start + count * n].view(count, n, storage.shape[1])
+
+    def layer_view(self, layer: int) -> RaggedKV:
+        return RaggedKV(
+            k=self.k_storage[layer],
+            v=self.v_storage[layer],
+            head_group=self.head_group[layer],
+            head_base=self.head_base[layer],
+            head_stride=self.head_stride[layer],
+            req_to_slot=self.req_to_slot,
+            group_lens=self.group_lens,
+        )
+
+    def write(
+        self,
+        layer: int,
+        group: int,
+        slots: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+    ) -> None:
+        """Store `k_rows`/`v_rows` `[N, n_{g,l}, head_dim]` of one group at `slots` `[N]`."""
+        expected = (slots.shape[0], len(self.layout.heads[group][layer]), self.layout.head_dim)
+        for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
+            if tuple(rows.shape) != expected:
+                raise ValueError(
+                    f"write(layer {layer}, group {group}): {name} is {tuple(rows.shape)}, "
+                    f"expected {expected} ([slots, heads of the group in the layer, head_dim])"
+                )
+        index = slots.to(device=self.device, dtype=torch.long)
+        self.k_buffer(group, layer)[index] = k_rows.to(self.dtype)
+        self.v_buffer(group, layer)[index] = v_rows.to(self.dtype)
+
+    def write_tokens(
+        self, layer: int, group_slots: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store every head of every token `k`/`v` `[N, Hkv, head_dim]` (decode, ratio 1):
+        group g keeps token i at `group_slots[g][i]`."""
+        self._check_groups(group_slots, "group_slots")
+        for g in range(self.num_groups):
+            index = self._head_index[g][layer]
+            if index.numel():
+                self.write(layer, g, group_slots[g], k[:, index], v[:, index])
+
+    # ---- request rows ---------------------------------------------------------------
+
+    def alloc_row(self) -> int:
+        """A free request row (1..max_requests)."""
+        if not self._free_rows:
+            raise PoolExhausted(f"all {self.max_requests} request rows are in use")
+        row = self._free_rows.pop(0)
+        self._active[row] = True
+        return row
+
+    def free_row(self, row: int) -> None:
+        """Release everything the row owns and return the row."""
+        self.release(row)
+        self._active[row] = False
+        self._free_rows.append(row)
+
+    def available_rows(self) -> int:
+        return len(self._free_rows)
+
+    def _check_row(self, row: int) -> None:
+        ok = isinstance(row, int) and not isinstance(row, bool)
+        if not (ok and 1 <= row <= self.max_requests and self._active[row]):
+            raise ValueError(f"request row {row!r} is not an allocated row of this pool")
+
+    def _check_groups(self, values: Sequence[Any], name: str) -> None:
+        if len(values) != self.num_groups:
+            raise ValueError(f"{name} has {len(values)} entries for {self.num_groups} groups")
+
+    # ---- exact accounting -----------------------------------------------------------
+
+    def free_slots(self) -> tuple[int, ...]:
+        return tuple(a.available_size() for a in self.allocators)
+
+    def reserved_counts(self, row: int) -> tuple[int, ...]:
+        """Slots the row owns per group (written or not)."""
+        return tuple(int(x) for x in self._reserved[:, row])
+
+    def written_counts(self, row: int) -> tuple[int, ...]:
+        """`group_lens` of the row (host copy)."""
+        return tuple(int(x) for x in self._lens[:, row])
+
+    def reserve(self, row: int, counts: Sequence[int]) -> list[torch.Tensor]:
+        """Own `counts[g]` more slots in each group (whole pages), all or nothing.
+
+        Returns the new slots per group; they are also appended to the row's reservation
+        in `req_to_slot`, so the row's next tokens are written there.
+        """
+        self._check_row(row)
+        self._check_groups(counts, "counts")
+        counts = [int(c) for c in counts]
+        for g, c in enumerate(counts):
+            if c < 0 or c % self.page_size:
+                raise ValueError(
+                    f"reserve(row {row}): counts[{g}] = {c} is not a non-negative multiple of "
+                    f"page_size {self.page_size}"
+                )
+            if self._reserved[g, row] + c > self.max_context:
+                raise ValueError(
+                    f"reserve(row {row}): group {g} would own {int(self._reserved[g, row]) + c} "
+                    f"slots, more than max_context {self.max_context}"
+                )
+        free = self.free_slots()
+        short = [g for g, c in enumerate(counts) if c > free[g]]
+        if short:
+            detail = "; ".join(
+                f"group {g} needs {counts[g]} slots but has {free[g]} free of {self.slots[g]}"
+                for g in short
+            )
+            raise PoolExhausted(f"reserve(row {row}): {detail}; nothing was reserved")
+        new_slots = []
+        for g, c in enumerate(counts):
+            slots = self.allocators[g].alloc(c)
+            start = int(self._reserved[g, row])
+            self.req_to_slot[g, row, start : start + c] = slots.to(torch.int32)
+            self._reserved[g, row] = start + c
+            new_slots.append(slots)
+        return new_slots
+
+    def next_slots(self, row: int, counts: Sequence[int]) -> list[torch.Tensor]:
+        """Where the row's next `counts[g]` tokens go in each group (reserved, unwritten)."""
+        self._check_row(row)
+        self._check_groups(counts, "counts")
+        out = []
+        for g, c in enumerate(counts):
+            start = int(self._lens[g, row])
+            if c < 0 or start + c > self._reserved[g, row]:
+                raise ValueError(
+                    f"row {row} asks for {c} slots in group {g} but has "
+                    f"{int(self._reserved[g, row]) - start} reserved and unwritten"
+                )
+            out.append(self.req_to_slot[g, row, start : start + c].long())
+        return out
+
+    def append(self, row: int, counts: Sequence[int]) -> None:
+        """The row's next `counts[g]` reserved slots now hold written K/V: advance lengths."""
+        self._check_row(row)
+        self._check_groups(counts, "counts")
+        new = self._lens[:, row] + torch.tensor([int(c) for c in counts], dtype=torch.int64)
+        over = ((new > self._reserved[:, row]) | (new < self._lens[:, row])).nonzero()
+        if over.numel():
+            g = int(over[0])
+            raise ValueError(
+                f"append(row {row}): group {g} would hold {int(new[g])} written slots but the "
+                f"row reserved {int(self._reserved[g, row])} (and lengths only grow)"
+            )
+        self._lens[:, row] = new
+        self.group_lens[:, row] = new.to(device=self.device, dtype=torch.int32)
+
+    def decode_slots(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """`[G, B]` slot of each row's next token in each group (decode's out_cache_loc)."""
+        host = self._decode_rows(rows)
+        dev = host.to(self.device)
+        groups = torch.arange(self.num_groups, device=self.device)[:, None]
+        return self.req_to_slot[groups, dev[None, :], self.group_lens[:, dev].long()].long()
+
+    def append_decode(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Every group wrote one more token of each row (decode keeps every token)."""
+        host = self._decode_rows(rows)
+        self._lens[:, host] += 1
+        self.group_lens[:, host.to(self.device)] += 1
+
+    def _decode_rows(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        host = torch.as_tensor(rows, dtype=torch.int64).cpu().reshape(-1)
+        if host.numel() != host.unique().numel():
+            raise ValueError(f"decode rows {host.tolist()} repeat a row")
+        for row in host.tolist():
+            self._check_row(row)
+        full = (self._lens[:, host] >= self._reserved[:, host]).nonzero()
+        if full.numel():
+            g, b = full[0].tolist()
+            raise ValueError(
+                f"decode: row {int(host[b])} has no reserved unwritten slot in group {g} "
+                "(reserve before decoding)"
+            )
+        return host
+
+    def trim(self, row: int) -> tuple[int, ...]:
+        """Free the row's reserved whole pages that hold no written token (a turn that
+        stopped early); a partly written page stays owned. Returns slots freed per group."""
+        self._check_row(row)
+        freed = []
+        for g in range(self.num_groups):
+            lens, reserved = int(self._lens[g, row]), int(self._reserved[g, row])
+            tail = self.req_to_slot[g, row, lens:reserved].long()
+            starts = (tail % self.page_size == 0).nonzero()
+            if starts.numel() == 0:
+                freed.append(0)
+                continue
+            cut = lens + int(starts[0])
+            self.allocators[g].free(self.req_to_slot[g, row, cut:reserved].long())
+            self.req_to_slot[g, row, cut:reserved] = 0
+            self._reserved[g, row] = cut
+            freed.append(reserved - cut)
+        return tuple(freed)
+
+    def release(self, row: int) -> None:
+        """Free exactly what the row owns in every group and reset its lengths."""
+        self._check_row(row)
+        for g in range(self.num_groups):
+            reserved = int(self._reserved[g, row])
+            if reserved:
+                self.allocators[g].free(self.req_to_slot[g, row, :reserved].long())
+        self.req_to_slot[:, row] = 0
+        self.group_lens[:, row] = 0
+        self._lens[:, row] = 0
+        self._reserved[:, row] = 0
+
+    def clear(self) -> None:
+        """Forget every row and free every slot (SGLang's flush)."""
+        for a in self.allocators:
+            a.clear()
+        self.req_to_slot.zero_()
+        self.group_lens.zero_()
+        self._lens.zero_()
+        self._reserved.zero_()
+        self._free_rows = list(range(1, self.max_requests + 1))
+        self._active = [False] * (self.max_requests + 1)
+
+    # ---- invariants -----------------------------------------------------------------
+
+    def _free_slot_ids(self, g: int) -> torch.Tensor:
+        a = self.allocators[g]
+        ids = torch.cat((a.free_pages, a.release_pages)).cpu()
+        if self.page_size == 1:
+            return ids
+        return (ids[:, None] * self.page_size + torch.arange(self.page_size)).reshape(-1)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless: no slot is owned twice (across rows) or both owned
+        and free, free + owned == capacity in every group, written <= reserved, padding
+        slots are never handed out, and the device lengths equal the host ones."""
+        if not torch.equal(self.group_lens.cpu().long(), self._lens):
+            raise AssertionError("group_lens on the device differs from the host copy")
+        if (self._lens > self._reserved).any():
+            g, row = (self._lens > self._reserved).nonzero()[0].tolist()
+            raise AssertionError(f"group {g} row {row}: written > reserved")
+        table = self.req_to_slot.cpu().long()
+        for g in range(self.num_groups):
+            capacity = self.slots[g] + self.page_size
+            owner = torch.zeros(capacity, dtype=torch.int64)
+            for row in range(self.max_requests + 1):
+                reserved = int(self._reserved[g, row])
+                if reserved and not self._active[row]:
+                    raise AssertionError(f"group {g}: inactive row {row} owns {reserved} slots")
+                owned = table[g, row, :reserved]
+                if owned.numel() and (owned.min() < self.page_size or owned.max() >= capacity):
+                    raise AssertionError(f"group {g} row {row}: slot outside [page_size, S+P)")
+                twice = owned[owner[owned] != 0]
+                if twice.numel() or owned.unique().numel() != owned.numel():
+                    raise AssertionError(f"group {g}: row {row} owns slots owned twice")
+                owner[owned] = row
+            free = self._free_slot_ids(g)
+            if free.unique().numel() != free.numel():
+                raise AssertionError(f"group {g}: a slot is free twice")
+            if free.numel() and (free.min() < self.page_size or free.max() >= capacity):
+                raise AssertionError(f"group {g}: free slot outside [page_size, S+P)")
+            if (owner[free] != 0).any():
+                raise AssertionError(f"group {g}: a slot is both free and owned")
+            owned_total = int((owner != 0).sum())
+            if owned_total + free.numel() != self.slots[g]:
+                raise AssertionError(
+                    f"group {g}: {owned_total} owned + {free.numel()} free != capacity "
+                    f"{self.slots[g]}"
+                )
