@@ -1,0 +1,89 @@
+"""SGLang touchpoints, one module per place we reach into SGLang (installed as
+`tangram_sglang.patches`).
+
+Each touchpoint module lists its hooks in `HOOKS`. `apply_all()` registers them with
+SGLang's `HookRegistry` once per process, applies them and verifies each one: the registry
+only logs a hook that fails to apply (bad target, or a target that was already patched
+before the hook was registered), so a broken hook would otherwise leave a server that looks
+compressed and is not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+TOUCHPOINTS = ("server_args",)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One `HookRegistry.register(target, fn, kind)` call."""
+
+    target: str
+    fn: Callable[..., Any]
+    kind: HookType
+
+
+class HookNotApplied(RuntimeError):
+    """A registered hook is not live on its target; the message names the target."""
+
+
+_registered: list[Hook] = []
+
+
+def apply_all() -> tuple[Hook, ...]:
+    """Register every touchpoint's hooks (first call only), apply and verify them."""
+    if not _registered:
+        for name in TOUCHPOINTS:
+            module = importlib.import_module(f"{__name__}.{name}")
+            for hook in module.HOOKS:
+                HookRegistry.register(hook.target, hook.fn, hook.kind)
+                _registered.append(hook)
+    # Idempotent: targets already patched are skipped; SGLang calls it again after plugins.
+    HookRegistry.apply_hooks()
+    verify()
+    return tuple(_registered)
+
+
+def verify(hooks: Sequence[Hook] | None = None) -> None:
+    """Raise HookNotApplied naming every hook that is not live on its target."""
+    missing = [h.target for h in (_registered if hooks is None else hooks) if not _is_live(h)]
+    if missing:
+        raise HookNotApplied(
+            "tangram-sglang: SGLang did not apply the hook(s) on "
+            + ", ".join(missing)
+            + " (see 'Failed to apply hooks' above, or a hook registered after its target "
+            "was patched); refusing KV compression"
+        )
+
+
+def _is_live(hook: Hook) -> bool:
+    owner_path, attr = hook.target.rsplit(".", 1)
+    try:
+        owner = pkgutil.resolve_name(owner_path)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    live = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+    if isinstance(hook.fn, type):
+        return live is hook.fn
+    fn = getattr(live, "__func__", live)  # unwrap classmethod / staticmethod
+    while fn is not None:
+        if _wrapped_hook(fn) is hook.fn:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def _wrapped_hook(fn: Any) -> Any:
+    """The hook inside one of HookRegistry's wrappers (its closure variable `hook`)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return None
+    cells = dict(zip(code.co_freevars, fn.__closure__, strict=True))
+    return cells["hook"].cell_contents if "hook" in cells else None

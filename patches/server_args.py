@@ -1,0 +1,157 @@
+"""Touchpoint: SGLang's command line. Adds the Tangram flags, refuses what we cannot serve,
+stores the flags on `ServerArgs` and selects the `tangram` attention and radix backends.
+
+SGLang derives its flags from the `ServerArgs` dataclass and `from_cli_args` keeps only
+dataclass fields, so a plugin has no API for a flag: an AFTER hook on `add_cli_args` adds
+ours and an AROUND hook on `from_cli_args` checks them. The flags are stored with
+`ServerArgs.override`, SGLang's one sanctioned mutation point once `__post_init__` has made
+the instance read-only. Scheduler and detokenizer processes receive the instance pickled
+(multiprocessing spawn), extra attributes included, so they need no environment variable.
+Without `--kv-compression` (or with `none`) SGLang's own objects pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from tangram_sglang.compress import SCORERS
+from tangram_sglang.config import (
+    MODES,
+    ConfigError,
+    TangramConfig,
+    model_conflicts,
+    read_hf_config,
+)
+
+from . import Hook, verify
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "tangram"  # attention backend and radix cache backend name
+SOURCE = "tangram-sglang"  # provenance recorded by ServerArgs.override
+
+
+def _mode(value: str) -> str:
+    """`--kv-compression` parser: compression is refused if any of our hooks did not apply."""
+    if value != "none":
+        verify()
+    return value
+
+
+def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Tangram KV-cache compression (tangram-sglang plugin)")
+    group.add_argument(
+        "--kv-compression",
+        type=_mode,
+        choices=MODES,
+        default="none",
+        help="none: stock SGLang. tangram: per-head budgets from --tangram-profile. "
+        "uniform: one ratio (--tangram-ratio) for every head, same machinery (baseline).",
+    )
+    group.add_argument(
+        "--tangram-profile", help="Profile YAML calibrated for this model (tangram mode)."
+    )
+    group.add_argument(
+        "--tangram-ratio",
+        type=float,
+        help="Target kept ratio in (0, 1]. tangram: scales the profile (default: as "
+        "calibrated); uniform: required.",
+    )
+    group.add_argument(
+        "--tangram-method",
+        help=f"Token scoring method ({', '.join(SCORERS)}); default: the profile's.",
+    )
+
+
+def unsupported(args: Any) -> list[str]:
+    """SGLang features compression cannot run with, one readable entry each.
+
+    Reads flag values by ServerArgs field name, so it checks both the parsed namespace
+    (before SGLang resolves anything) and the resolved ServerArgs (after, where a model's
+    defaults may have switched a feature on).
+    """
+    found = []
+    if args.speculative_algorithm:
+        found.append(f"speculative decoding (--speculative-algorithm {args.speculative_algorithm})")
+    if args.enable_hierarchical_cache:
+        found.append("hierarchical cache (--enable-hierarchical-cache)")
+    if args.pp_size > 1:
+        found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
+    if args.enable_dp_attention:
+        found.append("data-parallel attention (--enable-dp-attention)")
+    if args.disaggregation_mode not in (None, "null"):
+        found.append(
+            f"prefill/decode disaggregation (--disaggregation-mode {args.disaggregation_mode})"
+        )
+    if args.enable_lmcache:
+        found.append("LMCache (--enable-lmcache)")
+    if args.enable_flexkv:
+        found.append("FlexKV (--enable-flexkv)")
+    for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        if getattr(args, flag) not in (None, BACKEND):
+            found.append(
+                f"another attention backend (--{flag.replace('_', '-')} {getattr(args, flag)})"
+            )
+    if args.radix_cache_backend not in (None, BACKEND):
+        found.append(
+            f"another radix cache backend (--radix-cache-backend {args.radix_cache_backend})"
+        )
+    return found
+
+
+def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
+    config = TangramConfig.from_server_args(args)
+    if not config.enabled:
+        config.validate(args.model_path)  # refuses stray --tangram-* flags, reads nothing
+        return original(cls, args)
+    model_dir = _model_dir(args.model_path, getattr(args, "revision", None))
+    _refuse(config, unsupported(args) + model_conflicts(read_hf_config(model_dir)))
+    profile = config.validate(model_dir)
+    if config.profile:  # every process must find it, whatever its working directory
+        config = replace(config, profile=str(Path(config.profile).resolve()))
+    args = argparse.Namespace(**vars(args))
+    args.attention_backend = args.radix_cache_backend = BACKEND
+    server_args = original(cls, args)
+    _refuse(config, unsupported(server_args))
+    server_args.override(SOURCE, **config.server_args_fields())
+    logger.info(
+        "tangram: --kv-compression %s, %d head group(s) at ratios %s, method %s",
+        config.mode,
+        profile.num_groups,
+        [round(r, 4) for r in profile.group_ratios(config.ratio)],
+        config.method or profile.method,
+    )
+    return server_args
+
+
+def _refuse(config: TangramConfig, conflicts: list[str]) -> None:
+    if conflicts:
+        raise ConfigError(
+            f"--kv-compression {config.mode} does not support: " + "; ".join(conflicts)
+        )
+
+
+def _model_dir(model_path: str, revision: str | None) -> str:
+    """A local directory holding the model's config.json (a Hub id fetches only that file)."""
+    if Path(model_path).is_dir():
+        return model_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_path, revision=revision, allow_patterns=["config.json"])
+    except Exception as exc:
+        raise ConfigError(
+            f"--model-path {model_path}: cannot read its config.json for the Tangram checks: {exc}"
+        ) from exc
+
+
+HOOKS = (
+    Hook("sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER),
+    Hook("sglang.srt.server_args.ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
+)

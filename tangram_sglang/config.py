@@ -1,0 +1,154 @@
+"""Tangram's serving settings: the four CLI flags as one value, checked once at start-up.
+
+The flags reach every SGLang process as attributes of its `ServerArgs` (see
+`tangram_sglang.patches.server_args`); `TangramConfig.from_server_args` reads them back in
+any process, and reads a stock `ServerArgs` (no attributes) as compression off. Every check
+names the flag it refuses, because a bad setting must stop the server before it loads a
+model, not surface inside a kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tangram_sglang.compress import SCORERS
+from tangram_sglang.profile import ModelIdentity, Profile, ProfileError, uniform_profile
+
+MODES = ("none", "tangram", "uniform")
+
+# Flag of each TangramConfig field, and the attribute that carries it on ServerArgs.
+FLAGS = {
+    "mode": "--kv-compression",
+    "profile": "--tangram-profile",
+    "ratio": "--tangram-ratio",
+    "method": "--tangram-method",
+}
+ATTRIBUTES = {
+    "mode": "kv_compression",
+    "profile": "tangram_profile",
+    "ratio": "tangram_ratio",
+    "method": "tangram_method",
+}
+
+
+class ConfigError(ValueError):
+    """A flag or flag combination Tangram refuses; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class TangramConfig:
+    """`mode` none (SGLang untouched), tangram (calibrated per-head profile) or uniform
+    (one ratio for every head on the same machinery: the fair baseline)."""
+
+    mode: str = "none"
+    profile: str | None = None
+    ratio: float | None = None
+    method: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @classmethod
+    def from_server_args(cls, args: Any) -> TangramConfig:
+        """From an argparse namespace or a `ServerArgs`; absent attributes mean stock."""
+        values = {field: getattr(args, attr, None) for field, attr in ATTRIBUTES.items()}
+        values["mode"] = values["mode"] or "none"
+        return cls(**values)
+
+    def server_args_fields(self) -> dict[str, Any]:
+        """The attributes `from_server_args` reads back, keyed by attribute name."""
+        return {attr: getattr(self, field) for field, attr in ATTRIBUTES.items()}
+
+    def validate(self, model_path: str | Path) -> Profile | None:
+        """Check the flags and their fit with the model; return the profile to serve with.
+
+        Mode none returns None without reading the model. Uniform mode serves a one-group
+        profile built for the model at `ratio`.
+        """
+        self._check_flags()
+        if not self.enabled:
+            return None
+        model = ModelIdentity.from_model_path(model_path)
+        if self.mode == "uniform":
+            return uniform_profile(model, self.ratio)
+        try:
+            profile = Profile.load(self.profile)
+        except ProfileError as exc:
+            raise ConfigError(f"--tangram-profile {self.profile}: {exc}") from exc
+        try:
+            profile.check_model(model)
+        except ProfileError as exc:
+            raise ConfigError(
+                f"--tangram-profile {self.profile} does not match --model-path {model_path}: {exc}"
+            ) from exc
+        return profile
+
+    def _check_flags(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--kv-compression {self.mode!r} is not one of {', '.join(MODES)}")
+        if not self.enabled:
+            stray = [FLAGS[f] for f in ("profile", "ratio", "method") if getattr(self, f)]
+            if stray:
+                raise ConfigError(
+                    f"{', '.join(stray)} given without --kv-compression: add "
+                    "--kv-compression tangram or uniform, or remove them"
+                )
+            return
+        if self.ratio is not None and (
+            isinstance(self.ratio, bool)
+            or not isinstance(self.ratio, (int, float))
+            or math.isnan(self.ratio)
+            or not 0.0 < self.ratio <= 1.0
+        ):
+            raise ConfigError(f"--tangram-ratio {self.ratio!r} is outside (0, 1]")
+        if self.method is not None and self.method not in SCORERS:
+            raise ConfigError(
+                f"--tangram-method {self.method!r} is unknown; known: {', '.join(SCORERS)}"
+            )
+        if self.mode == "tangram" and not self.profile:
+            raise ConfigError("--kv-compression tangram needs --tangram-profile FILE")
+        if self.mode == "uniform":
+            if self.ratio is None:
+                raise ConfigError("--kv-compression uniform needs --tangram-ratio R")
+            if self.profile:
+                raise ConfigError(
+                    "--tangram-profile is not used by --kv-compression uniform (one ratio for "
+                    "every head): remove it, or use --kv-compression tangram"
+                )
+
+
+def read_hf_config(model_path: str | Path) -> dict[str, Any]:
+    """The model's `config.json` as a dict (what the model checks here need)."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--model-path {model_path} has no config.json")
+    return json.loads(config_file.read_text())
+
+
+def model_conflicts(hf_config: Mapping[str, Any]) -> list[str]:
+    """Model features the head-group pools cannot serve, one readable entry each.
+
+    MLA stores one shared latent per token instead of per-head K/V, so there are no heads
+    to compress separately; hybrid models keep sliding-window or linear-attention layers
+    in pools of their own.
+    """
+    configs = [hf_config]
+    if isinstance(hf_config.get("text_config"), Mapping):
+        configs.append(hf_config["text_config"])
+    archs = [a for c in configs for a in (c.get("architectures") or [])]
+    conflicts = []
+    mla_archs = [a for a in archs if a.startswith("Deepseek")]
+    if any(c.get("kv_lora_rank") is not None for c in configs) or mla_archs:
+        conflicts.append(f"MLA / compressed-latent attention models ({', '.join(archs)})")
+    other_layers = sorted(
+        {t for c in configs for t in (c.get("layer_types") or []) if t != "full_attention"}
+    )
+    if other_layers:
+        conflicts.append(f"hybrid models with {', '.join(other_layers)} layers")
+    return conflicts
