@@ -6,7 +6,9 @@
 Per-head retention is a property of the model, so we run the (Hugging Face) model on N
 samples, let the method split each layer's budget across heads as it would dynamically
 (Ada-KV joint top-k for ada-snapkv and expected-attention, full/streaming heads for duo,
-an even split for snapkv), and record kept/T per (layer, kv head). The profile stores
+an even split for snapkv), and record per (layer, kv head) the kept share of the tokens
+that are not forced (sink + window): exactly the ratio `budget.kept_tokens` applies at
+serving time, so a reserved ratio reserves what the method kept. The profile stores
 mean, std and p90 of that ratio, the reserved ratio min(1, mean + alpha * std) serving
 budgets are built from, the head ranking and its stability, and the head groups.
 
@@ -450,8 +452,16 @@ def measure(
     out = []
     for i in indices:
         ids = source[i]
-        out.append(meter(ids) / ids.numel())
+        out.append(kept_fraction(meter(ids), ids.numel(), config.rule))
     return np.stack(out)
+
+
+def kept_fraction(kept: np.ndarray, tokens: int, rule: BudgetRule) -> np.ndarray:
+    """Kept share of the non-forced tokens: the inverse of `budget.kept_tokens`."""
+    forced = min(tokens, rule.sink + rule.window)
+    if tokens == forced:
+        return np.ones(np.shape(kept))
+    return (np.asarray(kept, dtype=np.float64) - forced) / (tokens - forced)
 
 
 def calibrate(
@@ -511,10 +521,8 @@ def build_profile(
 ) -> Profile:
     """Statistics, groups and waste report from every sample's kept counts."""
     tokens = np.array([done[i][0] for i in sorted(done)], dtype=np.float64)
-    kept = np.stack([done[i][1] for i in sorted(done)]).astype(np.float64)
-    ratios = kept / tokens[:, None, None]
-    forced = min(1.0, (config.sink + config.window) / float(tokens.mean()))
-    stats = head_statistics(ratios, config.alpha, minimum=forced)
+    ratios = np.stack([kept_fraction(done[i][1], done[i][0], config.rule) for i in sorted(done)])
+    stats = head_statistics(ratios, config.alpha, minimum=1e-6)
     heads = stats.to_heads()
     groups, report = build_groups(
         heads, identity.num_layers, identity.num_kv_heads, config.max_groups, config.grouping

@@ -100,7 +100,8 @@ class Calibration:
 
 @dataclass(frozen=True)
 class HeadStats:
-    """Kept ratio of one (layer, kv_head) over the calibration samples."""
+    """Kept ratio of one (layer, kv_head) over the calibration samples: the share of the
+    tokens past sink + window that the head kept (the ratio `budget.kept_tokens` applies)."""
 
     layer: int
     head: int
@@ -270,8 +271,11 @@ def validate(profile: Profile) -> None:
         if key in seen:
             raise _fail(f"heads[{i}]", f"(layer {h.layer}, head {h.head}) appears twice")
         seen.add(key)
-        for name in ("mean", "p90", "reserved"):
-            check_ratio(getattr(h, name), f"heads[{i}].{name}")
+        check_ratio(h.reserved, f"heads[{i}].reserved")
+        for name in ("mean", "p90"):
+            value = getattr(h, name)
+            if math.isnan(value) or not 0.0 <= value <= 1.0:
+                raise _fail(f"heads[{i}].{name}", f"{value!r} is outside [0, 1]")
         if h.std < 0:
             raise _fail(f"heads[{i}].std", f"{h.std} is negative")
     if seen != expected:

@@ -82,6 +82,7 @@ def _mutated(profile, edit):
         (lambda d: d["calibration"].update(base_ratio=0.0), "calibration.base_ratio"),
         (lambda d: d["heads"][2].update(reserved=1.2), "heads[2].reserved"),
         (lambda d: d["heads"][1].update(mean=-0.1), "heads[1].mean"),
+        (lambda d: d["heads"][1].update(p90=1.01), "heads[1].p90"),
         (lambda d: d["heads"].pop(), "heads"),
         (lambda d: d["groups"][0]["heads"].append(d["groups"][-1]["heads"][0]), "groups["),
         (lambda d: d["groups"][-1]["heads"].pop(), "groups"),
