@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 import triton
 import triton.language as tl
+from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 
 from tangram_sglang.plan import AotPlan
 
@@ -201,22 +202,10 @@ def _split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slot = tl.load(slot_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-        row = base + slot * stride
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + row[:, None] * stride_kr + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + row[:, None] * stride_vr + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        k, v = load_ragged_kv(
+            K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_n, mask_n, offs_d, mask_d
+        )
+        m_i, l_i, acc = online_update(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
 
     out_row = (b * num_q_heads + q_heads) * max_splits + s
     if end > start:
