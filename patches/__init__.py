@@ -1,11 +1,12 @@
 """SGLang touchpoints, one module per place we reach into SGLang (installed as
 `tangram_sglang.patches`).
 
-Each touchpoint module lists its hooks in `HOOKS`. `apply_all()` registers them with
-SGLang's `HookRegistry` once per process, applies them and verifies each one: the registry
-only logs a hook that fails to apply (bad target, or a target that was already patched
-before the hook was registered), so a broken hook would otherwise leave a server that looks
-compressed and is not.
+Each touchpoint module lists its hooks in `HOOKS` and, where SGLang has a registry for
+the thing (attention backends, radix caches), its entries in `REGISTRATIONS`. `apply_all()`
+registers them once per process, applies the hooks and verifies each hook and entry: the
+hook registry only logs a hook that fails to apply (bad target, or a target that was
+already patched before the hook was registered), so a broken hook would otherwise leave a
+server that looks compressed and is not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-TOUCHPOINTS = ("server_args",)
+TOUCHPOINTS = (
+    "server_args",
+    "cpu_paths",
+    "memory_pool",
+    "allocation",
+    "release",
+    "radix_cache",
+    "attention_backend",
+    "invariants",
+    "server_info",
+)
 
 
 @dataclass(frozen=True)
@@ -30,18 +41,32 @@ class Hook:
     kind: HookType
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One entry in one of SGLang's registries: `apply()` adds it, `live()` checks it."""
+
+    name: str
+    apply: Callable[[], None]
+    live: Callable[[], bool]
+
+
 class HookNotApplied(RuntimeError):
     """A registered hook is not live on its target; the message names the target."""
 
 
 _registered: list[Hook] = []
+_registrations: list[Registration] = []
 
 
 def apply_all() -> tuple[Hook, ...]:
-    """Register every touchpoint's hooks (first call only), apply and verify them."""
+    """Register every touchpoint's hooks and registry entries (first call only), apply and
+    verify them."""
     if not _registered:
         for name in TOUCHPOINTS:
             module = importlib.import_module(f"{__name__}.{name}")
+            for entry in getattr(module, "REGISTRATIONS", ()):
+                entry.apply()
+                _registrations.append(entry)
             for hook in module.HOOKS:
                 HookRegistry.register(hook.target, hook.fn, hook.kind)
                 _registered.append(hook)
@@ -52,8 +77,11 @@ def apply_all() -> tuple[Hook, ...]:
 
 
 def verify(hooks: Sequence[Hook] | None = None) -> None:
-    """Raise HookNotApplied naming every hook that is not live on its target."""
+    """Raise HookNotApplied naming every hook not live on its target (and, by default,
+    every registry entry of ours that is missing)."""
     missing = [h.target for h in (_registered if hooks is None else hooks) if not _is_live(h)]
+    if hooks is None:
+        missing += [r.name for r in _registrations if not r.live()]
     if missing:
         raise HookNotApplied(
             "tangram-sglang: SGLang did not apply the hook(s) on "

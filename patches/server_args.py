@@ -102,6 +102,10 @@ def unsupported(args: Any) -> list[str]:
         found.append(
             f"another radix cache backend (--radix-cache-backend {args.radix_cache_backend})"
         )
+    if args.page_size not in (None, 1):
+        found.append(f"paged KV (--page-size {args.page_size}; page size 1 only for now)")
+    if args.enable_mixed_chunk:
+        found.append("mixed prefill/decode batches (--enable-mixed-chunk)")
     return found
 
 
@@ -117,6 +121,11 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         config = replace(config, profile=str(Path(config.profile).resolve()))
     args = argparse.Namespace(**vars(args))
     args.attention_backend = args.radix_cache_backend = BACKEND
+    # The allocation hooks hand the forward they precede its slots: no overlap, no graphs.
+    for flag in ("disable_overlap_schedule", "disable_cuda_graph"):
+        if not getattr(args, flag, False):
+            logger.info("tangram: --kv-compression %s sets %s", config.mode, flag)
+        setattr(args, flag, True)
     server_args = original(cls, args)
     _refuse(config, unsupported(server_args))
     server_args.override(SOURCE, **config.server_args_fields())
@@ -125,7 +134,7 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         config.mode,
         profile.num_groups,
         [round(r, 4) for r in profile.group_ratios(config.ratio)],
-        config.method or profile.method,
+        config.scorer_method(profile),
     )
     return server_args
 

@@ -20,6 +20,7 @@ from tangram_sglang.compress import SCORERS
 from tangram_sglang.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
 MODES = ("none", "tangram", "uniform")
+DEFAULT_METHOD = "snapkv"  # scorer for profiles whose method is not one (uniform profiles)
 
 # Flag of each TangramConfig field, and the attribute that carries it on ServerArgs.
 FLAGS = {
@@ -60,6 +61,13 @@ class TangramConfig:
         values = {field: getattr(args, attr, None) for field, attr in ATTRIBUTES.items()}
         values["mode"] = values["mode"] or "none"
         return cls(**values)
+
+    def scorer_method(self, profile: Profile) -> str:
+        """The scorer to serve with: --tangram-method, else the profile's method, else
+        snapkv (a uniform profile's method, "uniform", names no scorer)."""
+        if self.method:
+            return self.method
+        return profile.method if profile.method in SCORERS else DEFAULT_METHOD
 
     def server_args_fields(self) -> dict[str, Any]:
         """The attributes `from_server_args` reads back, keyed by attribute name."""

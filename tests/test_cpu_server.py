@@ -1,9 +1,13 @@
 """The real SGLang 0.5.17 server on this CPU machine, over HTTP, with our plugin installed.
 
 With `--kv-compression none` the plugin must leave SGLang exactly stock: same greedy tokens
-(fp32 tiny Qwen3), radix-cache reuse across turns, chat via the local tokenizer. Flag
-combinations we cannot serve must stop the server at start-up with our message, before it
-loads a model. Four server starts in all; the two that serve start side by side.
+(fp32 tiny Qwen3), radix-cache reuse across turns, chat via the local tokenizer. With
+`--kv-compression uniform --tangram-ratio 1.0` (the tangram backend, ragged pools and
+radix cache, keeping everything) it must give stock's greedy tokens too. With the shipped
+profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache
+and `/flush_cache` must return every head-group pool to its capacity. Flag combinations we
+cannot serve must stop the server at start-up with our message, before it loads a model.
+Six server starts in all; the four that serve start side by side.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from server_harness import Launch, build_tiny_model_dir, failed_start, running_servers
+import requests
+from server_harness import ROOT, Launch, build_tiny_model_dir, failed_start, running_servers
 
 from tangram_sglang.profile import ModelIdentity, uniform_profile
 from tangram_sglang.tiny_tokenizer import SPECIAL_TOKENS, corpus
@@ -20,6 +25,9 @@ pytestmark = pytest.mark.server
 
 VOCAB = 1024
 NEW_TOKENS = 12
+SHIPPED_PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
+# The ragged pools keep one request table per head group: few request rows keep it small.
+COMPRESSED = ("--max-running-requests", "16")
 
 
 @pytest.fixture(scope="module")
@@ -70,23 +78,73 @@ def _transcript(server, work: dict) -> dict:
     }
 
 
+def _pool(server) -> dict:
+    response = requests.get(f"{server.url}/server_info", timeout=30)
+    assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
+    return response.json()["internal_states"][0]["tangram_pool"]
+
+
+def _flush(server) -> None:
+    response = requests.post(f"{server.url}/flush_cache", timeout=30)
+    assert response.ok, f"/flush_cache -> {response.status_code}: {response.text[:300]}"
+
+
+def _conversation(server, seed: int) -> dict:
+    """Three turns, each the whole history plus new user tokens; pool states around it."""
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(len(SPECIAL_TOKENS), VOCAB) for _ in range(n)]
+
+    _flush(server)
+    start = _pool(server)
+    history, turns = ids(200), []
+    for _ in range(3):
+        reply = server.generate(history, NEW_TOKENS)
+        turns.append((len(history), reply["meta_info"]["cached_tokens"]))
+        history = history + reply["output_ids"] + ids(40)
+    held = _pool(server)
+    _flush(server)
+    return {"start": start, "turns": turns, "held": held, "flushed": _pool(server)}
+
+
 @pytest.fixture(scope="module")
 def transcripts(model_dir, tmp_path_factory):
-    """The same fresh workload against stock SGLang and against SGLang with our plugin."""
+    """The same fresh workload against stock SGLang, SGLang with our plugin (compression
+    off, and uniform at ratio 1.0), and a conversation at ratio 0.25 with the shipped profile."""
     seed = random.randrange(2**32)
     work = _workload(seed)
     launches = {
         "stock": Launch(plugins=False),
         # Naming the flag proves the plugin's hooks are live: stock SGLang rejects it.
         "plugin": Launch(["--kv-compression", "none"]),
+        "uniform-1.0": Launch(
+            ["--kv-compression", "uniform", "--tangram-ratio", "1.0", *COMPRESSED],
+            attention=None,
+        ),
+        "tangram-0.25": Launch(
+            [
+                "--kv-compression",
+                "tangram",
+                "--tangram-profile",
+                str(SHIPPED_PROFILE),
+                "--tangram-ratio",
+                "0.25",
+                *COMPRESSED,
+            ],
+            attention=None,
+        ),  # fmt: skip
     }
     with running_servers(model_dir, tmp_path_factory.mktemp("logs"), launches) as servers:
-        stock, plugin = (_transcript(servers[name], work) for name in launches)
-    return seed, work, stock, plugin
+        stock, plugin, uniform = (
+            _transcript(servers[name], work) for name in ("stock", "plugin", "uniform-1.0")
+        )
+        conversation = _conversation(servers["tangram-0.25"], seed)
+    return seed, work, stock, plugin, uniform, conversation
 
 
 def test_plugin_with_compression_none_gives_stock_greedy_tokens(transcripts):
-    seed, _, stock, plugin = transcripts
+    seed, _, stock, plugin, _, _ = transcripts
     for key in ("prompts", "turns", "chat"):
         assert plugin[key] == stock[key], (
             f"--kv-compression none changed the {key} output (workload seed {seed}):\n"
@@ -94,17 +152,56 @@ def test_plugin_with_compression_none_gives_stock_greedy_tokens(transcripts):
         )
 
 
+def test_uniform_compression_at_ratio_one_gives_stock_greedy_tokens(transcripts):
+    seed, _, stock, _, uniform, _ = transcripts
+    for key in ("prompts", "turns", "chat"):
+        assert uniform[key] == stock[key], (
+            f"--kv-compression uniform --tangram-ratio 1.0 changed the {key} output "
+            f"(workload seed {seed}):\nstock   {stock[key]}\nuniform {uniform[key]}"
+        )
+
+
 def test_second_turn_reuses_first_turn_from_radix_cache(transcripts):
-    seed, work, stock, plugin = transcripts
-    for name, result in (("stock", stock), ("plugin", plugin)):
+    seed, work, stock, plugin, uniform, _ = transcripts
+    for name, result in (("stock", stock), ("plugin", plugin), ("uniform-1.0", uniform)):
         assert result["turn2_cached"] >= len(work["turn1"]), (
             f"{name}: turn 2 reused {result['turn2_cached']} cached tokens, expected at least "
             f"turn 1's {len(work['turn1'])} prompt tokens (workload seed {seed})"
         )
 
 
+def test_compressed_turns_are_reused_from_the_radix_cache(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    turns = conversation["turns"]
+    assert turns[0][1] == 0, f"seed {seed}: the first turn found {turns[0][1]} cached tokens"
+    for t in (1, 2):
+        # The previous turn's prompt and its answer but the last token (never attended).
+        earlier = turns[t - 1][0] + NEW_TOKENS - 1
+        assert turns[t][1] >= earlier, (
+            f"seed {seed}: turn {t + 1} reused {turns[t][1]} cached tokens, expected the "
+            f"{earlier} tokens of the earlier turns (turns: (prompt, cached) {turns})"
+        )
+
+
+def test_compression_holds_fewer_slots_than_tokens_and_flush_returns_every_pool(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    start, held, flushed = conversation["start"], conversation["held"], conversation["flushed"]
+    for state, name in ((start, "before the conversation"), (flushed, "after /flush_cache")):
+        assert state["free_slots"] == state["slots"], (
+            f"seed {seed}: {name} the group pools hold {state['free_slots']} free of "
+            f"{state['slots']}"
+        )
+        assert state["logical_free"] == state["logical_slots"], f"seed {seed}: {name}: {state}"
+    tokens = held["logical_slots"] - held["logical_free"]
+    slots = [s - f for s, f in zip(held["slots"], held["free_slots"], strict=True)]
+    assert tokens > 0 and min(slots) < tokens, (
+        f"seed {seed}: the cached conversation holds {tokens} tokens in group slots {slots}: "
+        "nothing was compressed"
+    )
+
+
 def test_chat_completion_uses_local_tokenizer(transcripts):
-    _, _, _, plugin = transcripts
+    _, _, _, plugin, _, _ = transcripts
     assert isinstance(plugin["chat"], str) and plugin["chat"], (
         f"/v1/chat/completions returned no text: {plugin['chat']!r}"
     )

@@ -1,0 +1,100 @@
+"""Touchpoint: memory-pool creation (`KVCacheConfigurator`). Under --kv-compression the KV
+bytes SGLang sized for its full-KV token count go to the ragged head-group pools instead
+of `MHATokenToKVPool`, behind a `TangramAllocator` of logical slots; SGLang's token
+capacity (`max_total_num_tokens`) becomes the logical space.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from sglang.srt.plugins.hook_registry import HookType
+
+from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
+from tangram_sglang.config import ConfigError, TangramConfig
+
+from . import Hook
+
+logger = logging.getLogger(__name__)
+
+TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+
+
+def init_pools(
+    original: Any, self: Any, *, sizes: Any, req_to_token_pool: Any, token_to_kv_pool_allocator: Any
+) -> Any:
+    config = TangramConfig.from_server_args(self.server_args)
+    if not config.enabled:
+        return original(
+            self,
+            sizes=sizes,
+            req_to_token_pool=req_to_token_pool,
+            token_to_kv_pool_allocator=token_to_kv_pool_allocator,
+        )
+    if self.is_draft_worker or req_to_token_pool is not None:
+        raise ConfigError(f"--kv-compression {config.mode} does not support draft workers")
+    from sglang.srt.mem_cache.kv_cache_configurator import _InitializedPools
+
+    profile = config.validate(self.server_args.model_path)
+    _check_model(profile, self)
+    req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=sizes.max_running_requests)
+    table = req_to_token_pool.req_to_token
+    kv_pool, allocator = build_tangram_pools(
+        profile,
+        config.ratio,
+        config.scorer_method(profile),
+        full_tokens=sizes.max_total_num_tokens,
+        dtype=self.kv_cache_dtype,
+        device=self.device,
+        max_requests=table.shape[0] - 1,
+        max_context=table.shape[1],
+    )
+    pool = kv_pool.pool
+    logger.info(
+        "tangram: %s KV bytes for %d full-KV tokens -> %d logical slots; %s",
+        f"{pool.total_bytes():,}",
+        sizes.max_total_num_tokens,
+        allocator.size,
+        {k: pool.describe()[k] for k in ("ratios", "slots", "bytes_per_group")},
+    )
+    return _InitializedPools(
+        req_to_token_pool=req_to_token_pool,
+        token_to_kv_pool=kv_pool,
+        token_to_kv_pool_allocator=allocator,
+    )
+
+
+def _check_model(profile: Any, configurator: Any) -> None:
+    """The profile describes the model the runner loaded (one TP rank, every layer)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    kv_heads = configurator.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    layers = configurator.layer_info.num_effective_layers
+    m = profile.model
+    if (kv_heads, layers, configurator.model_config.head_dim) != (
+        m.num_kv_heads,
+        m.num_layers,
+        m.head_dim,
+    ):
+        raise ConfigError(
+            f"--kv-compression: the loaded model has {layers} layers x {kv_heads} kv heads of "
+            f"dim {configurator.model_config.head_dim} per rank, the profile describes "
+            f"{m.num_layers} x {m.num_kv_heads} of dim {m.head_dim} (tensor parallelism is "
+            "not supported)"
+        )
+
+
+def configure(original: Any, self: Any, **kwargs: Any) -> Any:
+    result = original(self, **kwargs)
+    allocator = result.token_to_kv_pool_allocator
+    if isinstance(allocator, TangramAllocator):
+        return msgspec.structs.replace(result, max_total_num_tokens=allocator.size)
+    return result
+
+
+HOOKS = (
+    Hook(f"{TARGET}._init_pools", init_pools, HookType.AROUND),
+    Hook(f"{TARGET}.configure", configure, HookType.AROUND),
+)

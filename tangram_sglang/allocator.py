@@ -1,0 +1,430 @@
+"""Logical slots for SGLang, head-group slots for the KV: what SGLang's scheduler sees.
+
+SGLang's `req_to_token`, `out_cache_loc`, `prefix_indices` and radix-node values stay
+token-level *logical* slots: one per raw token, no KV bytes behind them (SGLang's SWA
+allocator keeps a second index space the same way). `TangramAllocator` owns
+
+- the logical allocator (SGLang's `TokenToKVPoolAllocator`),
+- the `RaggedPool` (its group allocators hand out group slots, its storage holds the
+  K/V, its `req_to_slot`/`group_lens` are the per-request group page tables, rows =
+  SGLang's `req_pool_idx`),
+- per group `logical_to_group[g]` (0 = none), and per logical slot the segment it
+  belongs to (`seg_id`, `seg_pos`, `seg_len`).
+
+A *segment* is one request's extend chunk (or one decoded token). A compressed segment
+of n tokens whose group g keeps k_g maps its LAST k_g logical slots to those group slots
+in order, the others to 0; an uncompressed one maps 1:1. A group slot is a compressed
+*position* whose content differs per head, so a segment is only usable whole: prefixes
+are valid only up to the last complete segment (`valid_prefix_len`). Group slots are
+owned by their logical slots: `free(logical)` frees them in every group (SWA's
+`free_swa` pattern), and a request row only points at them.
+
+`TangramKVPool` is the `KVCache` SGLang holds; it carries the per-forward state the
+allocation hooks write and the `tangram` attention backend reads (overlap scheduling is
+off, so the state written for a batch is the one its forward reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import KVCache
+
+from tangram_sglang.budget import BudgetRule, kept_tokens
+from tangram_sglang.layout import PoolLayout
+from tangram_sglang.pool import PoolExhausted, RaggedPool
+from tangram_sglang.profile import Profile
+
+logger = logging.getLogger(__name__)
+
+Evict = Callable[[int], None]  # evict this many logical tokens from the radix tree
+
+
+@dataclass(frozen=True)
+class ExtendSegment:
+    """One request's new segment in an extend forward.
+
+    `prefix_lens[g]`: group slots of the row before this segment (what the new tokens
+    attend to); `slots[g]`: the segment's group slots (k_g of them, in order); `compress`:
+    whether the backend selects tokens (else it writes every token to every group).
+    """
+
+    row: int
+    extend_len: int
+    compress: bool
+    prefix_lens: tuple[int, ...]
+    slots: tuple[torch.Tensor, ...]
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        return tuple(int(s.numel()) for s in self.slots)
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What the attention backend needs for the next forward, written at allocation.
+
+    extend: one `ExtendSegment` per request (batch order); decode: `decode_slots` `[G, B]`,
+    each row's new group slot per group (already counted in `group_lens`).
+    """
+
+    mode: str
+    rows: tuple[int, ...]
+    segments: tuple[ExtendSegment, ...] = ()
+    decode_slots: torch.Tensor | None = None
+
+
+class TangramKVPool(KVCache):
+    """The KV cache SGLang holds: the `RaggedPool` storage behind logical slots.
+
+    SGLang's stock token-indexed buffer API (`get_key_buffer`, `set_kv_buffer`, ...) has
+    no meaning here (a logical slot has no bytes); only the `tangram` backend reads and
+    writes the ragged storage, so those calls fail with a message that says so.
+    """
+
+    def __init__(self, pool: RaggedPool, size: int, method: str = "snapkv") -> None:
+        super().__init__(
+            size=size,
+            page_size=1,
+            dtype=pool.dtype,
+            layer_num=pool.num_layers,
+            device=str(pool.device),
+            enable_memory_saver=False,
+            start_layer=0,
+            end_layer=pool.num_layers - 1,
+        )
+        self.pool = pool
+        self.method = method  # the scorer the backend compresses with
+        self.head_num = pool.layout.num_kv_heads
+        self.head_dim = pool.layout.head_dim
+        self.forward_state: ForwardState | None = None
+        self.mem_usage = pool.total_bytes() / (1 << 30)
+
+    def get_kv_size_bytes(self) -> tuple[int, int]:
+        half = self.pool.total_bytes() // 2
+        return half, half
+
+    def _unsupported(self, name: str) -> Any:
+        raise NotImplementedError(
+            f"TangramKVPool.{name}: logical slots hold no K/V under --kv-compression; only "
+            "the 'tangram' attention backend reads the ragged head-group storage"
+        )
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self._unsupported("get_key_buffer")
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self._unsupported("get_value_buffer")
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._unsupported("get_kv_buffer")
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, *args, **kwargs) -> None:
+        self._unsupported("set_kv_buffer")
+
+
+class TangramAllocator(BaseTokenToKVPoolAllocator):
+    """Logical slots for SGLang plus the head-group slots they map to (module docstring)."""
+
+    def __init__(
+        self, size: int, kvcache: TangramKVPool, rule: BudgetRule, need_sort: bool = False
+    ) -> None:
+        pool = kvcache.pool
+        super().__init__(size, 1, pool.dtype, str(pool.device), kvcache, need_sort)
+        self.pool = pool
+        self.rule = rule
+        self.ratios = tuple(pool.layout.ratios)
+        self.logical = TokenToKVPoolAllocator(size, pool.dtype, str(pool.device), None, need_sort)
+        G, device = pool.num_groups, pool.device
+        self.logical_to_group = torch.zeros((G, size + 1), dtype=torch.int64, device=device)
+        self.seg_id = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        self.seg_pos = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        self.seg_len = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
+        self._next_segment = 1
+        self.clear()
+
+    # ---- SGLang's allocator interface (logical slots) --------------------------------
+
+    def available_size(self) -> int:
+        """Raw tokens that surely fit: every raw token costs at most one slot per group."""
+        return min(self.logical.available_size(), *self.pool.free_slots())
+
+    def logical_available_size(self) -> int:
+        return self.logical.available_size()
+
+    def alloc(self, need_size: int) -> torch.Tensor | None:
+        return self.logical.alloc(need_size)
+
+    def free(self, free_index: torch.Tensor) -> None:
+        """Free logical slots and, in every group, the group slots they map to."""
+        if free_index.numel() == 0:
+            return
+        if not self.is_not_in_free_group:
+            self.free_group.append(free_index)
+            return
+        index = free_index.to(device=self.logical_to_group.device, dtype=torch.int64)
+        mapped = self.logical_to_group[:, index]
+        for g, allocator in enumerate(self.pool.allocators):
+            slots = mapped[g][mapped[g] > 0]
+            if slots.numel():
+                allocator.free(slots)
+        self.logical_to_group[:, index] = 0
+        self.logical.free(index)
+
+    def clear(self) -> None:
+        self.logical.clear()
+        self.pool.clear()
+        self.logical_to_group.zero_()
+        self.seg_id.zero_()
+        self.seg_pos.zero_()
+        self.seg_len.zero_()
+        self.row_lens.zero_()
+        self.is_not_in_free_group = True
+        self.free_group = []
+        self.get_kvcache().forward_state = None
+
+    def resize(self, config: Any) -> None:
+        raise NotImplementedError("TangramAllocator cannot be resized (--kv-compression)")
+
+    # ---- segments --------------------------------------------------------------------
+
+    def valid_prefix_len(self, logical: torch.Tensor) -> int:
+        """Length of the longest prefix of `logical` made of complete, contiguous segments."""
+        n = int(logical.numel())
+        if n == 0:
+            return 0
+        index = logical.to(device=self.seg_id.device, dtype=torch.int64)
+        sid, pos, length = self.seg_id[index], self.seg_pos[index], self.seg_len[index]
+        ok = pos == 0
+        ok[1:] |= (sid[1:] == sid[:-1]) & (pos[1:] == pos[:-1] + 1)
+        bad = (~ok).nonzero()
+        limit = int(bad[0]) if bad.numel() else n
+        ends = (pos[:limit] + 1 == length[:limit]).nonzero()
+        return int(ends[-1]) + 1 if ends.numel() else 0
+
+    def starts_segment(self, logical: torch.Tensor, at: int) -> bool:
+        """Whether position `at` of `logical` is the first token of a segment (or the end)."""
+        return at >= logical.numel() or int(self.seg_pos[int(logical[at])]) == 0
+
+    def kept(self, extend_len: int) -> tuple[int, ...]:
+        """Group slots a segment of `extend_len` new tokens keeps in each group."""
+        return tuple(kept_tokens(extend_len, r, self.rule) for r in self.ratios)
+
+    def _new_segments(self, logical: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Record consecutive segments of `lengths` over `logical` (concatenated)."""
+        lens = torch.as_tensor(list(lengths), dtype=torch.int64)
+        ids = torch.arange(self._next_segment, self._next_segment + len(lens))
+        self._next_segment += len(lens)
+        starts = torch.cumsum(lens, 0) - lens
+        index = logical.to(device=self.seg_id.device, dtype=torch.int64)
+        total = int(lens.sum())
+        self.seg_id[index] = ids.repeat_interleave(lens).to(self.seg_id.device)
+        self.seg_pos[index] = (torch.arange(total) - starts.repeat_interleave(lens)).to(
+            self.seg_pos.device
+        )
+        self.seg_len[index] = lens.repeat_interleave(lens).to(self.seg_len.device)
+
+    # ---- group rows ------------------------------------------------------------------
+
+    def compact(self, logical: torch.Tensor) -> list[torch.Tensor]:
+        """Per group, the group slots `logical` maps to, in order (zeros dropped)."""
+        mapped = self.logical_to_group[:, logical.to(self.logical_to_group.device).long()]
+        return [m[m > 0] for m in mapped]
+
+    def _set_row(self, row: int, slots: Sequence[torch.Tensor]) -> None:
+        width = self.pool.max_context
+        for g, s in enumerate(slots):
+            if s.numel() > width:
+                raise ValueError(
+                    f"request row {row}: group {g} would hold {s.numel()} slots, more than the "
+                    f"pool's max_context {width}"
+                )
+            self.pool.req_to_slot[g, row, : s.numel()] = s.to(torch.int32)
+        lens = torch.tensor([s.numel() for s in slots], dtype=torch.int64)
+        self.row_lens[:, row] = lens
+        self.pool.group_lens[:, row] = lens.to(device=self.pool.device, dtype=torch.int32)
+
+    def rebuild_row(self, row: int, logical: torch.Tensor) -> None:
+        """Point request row `row` at the group slots of its logical slots `logical`."""
+        self._set_row(row, self.compact(logical))
+
+    def release_row(self, row: int) -> None:
+        """A released request no longer reads its row; the slots stay with the tree."""
+        self.row_lens[:, row] = 0
+        self.pool.group_lens[:, row] = 0
+
+    def row_slots(self, row: int) -> list[torch.Tensor]:
+        return [
+            self.pool.req_to_slot[g, row, : int(self.row_lens[g, row])].long()
+            for g in range(self.pool.num_groups)
+        ]
+
+    # ---- allocation for a forward ----------------------------------------------------
+
+    def _ensure_free(self, needs: Sequence[int], evict: Evict | None, what: str) -> None:
+        """Evict from the tree until every group has `needs[g]` free slots, else raise."""
+        while True:
+            free = self.pool.free_slots()
+            shortfall = max(n - f for n, f in zip(needs, free, strict=True))
+            if shortfall <= 0:
+                return
+            if evict is not None:
+                evict(shortfall)
+                if self.pool.free_slots() != free:
+                    continue
+            short = [g for g, (n, f) in enumerate(zip(needs, free, strict=True)) if n > f]
+            detail = "; ".join(
+                f"group {g} needs {needs[g]} slots, {free[g]} free of {self.pool.slots[g]}"
+                for g in short
+            )
+            raise PoolExhausted(
+                f"tangram {what}: {detail} (nothing left to evict from the radix cache); "
+                "lower the load or raise --max-total-tokens / --mem-fraction-static"
+            )
+
+    def begin_extend(
+        self,
+        rows: Sequence[int],
+        prefixes: Sequence[torch.Tensor],
+        new: Sequence[torch.Tensor],
+        evict: Evict | None = None,
+    ) -> ForwardState:
+        """Admit one extend batch: per request, its row from the prefix's group slots, and
+        its new segment's group slots (k_g per group). Returns the forward state it sets."""
+        lengths = [int(x.numel()) for x in new]
+        kept = [self.kept(n) for n in lengths]
+        needs = [sum(k[g] for k in kept) for g in range(self.pool.num_groups)]
+        self._ensure_free(needs, evict, "extend")
+        if lengths:
+            self._new_segments(torch.cat(list(new)), lengths)
+        segments = []
+        for row, prefix, logical, n, k in zip(rows, prefixes, new, lengths, kept, strict=True):
+            prefix_slots = self.compact(prefix)
+            slots = []
+            for g, count in enumerate(k):
+                got = self.pool.allocators[g].alloc(count)
+                index = logical.to(self.logical_to_group.device).long()
+                self.logical_to_group[g, index] = 0
+                self.logical_to_group[g, index[n - count :]] = got
+                slots.append(got)
+            self._set_row(
+                int(row), [torch.cat((p, s)) for p, s in zip(prefix_slots, slots, strict=True)]
+            )
+            segments.append(
+                ExtendSegment(
+                    row=int(row),
+                    extend_len=n,
+                    compress=any(c < n for c in k),
+                    prefix_lens=tuple(int(p.numel()) for p in prefix_slots),
+                    slots=tuple(slots),
+                )
+            )
+        state = ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))
+        self.get_kvcache().forward_state = state
+        return state
+
+    def begin_decode(
+        self, rows: Sequence[int], new: torch.Tensor, evict: Evict | None = None
+    ) -> ForwardState:
+        """One decoded token per row: one new slot in every group, appended to the row."""
+        rows = [int(r) for r in rows]
+        if new.numel() != len(rows):
+            raise ValueError(f"decode: {new.numel()} new logical slots for {len(rows)} rows")
+        G = self.pool.num_groups
+        self._ensure_free([len(rows)] * G, evict, "decode")
+        self._new_segments(new, [1] * len(rows))
+        index = new.to(self.logical_to_group.device).long()
+        host_rows = torch.tensor(rows, dtype=torch.int64)
+        lens = self.row_lens[:, host_rows]
+        if lens.numel() and int(lens.max()) >= self.pool.max_context:
+            raise ValueError(
+                f"decode: a row reached the pool's max_context {self.pool.max_context}"
+            )
+        slots = torch.stack([self.pool.allocators[g].alloc(len(rows)) for g in range(G)])
+        self.logical_to_group[:, index] = slots.to(self.logical_to_group.device)
+        device_rows = host_rows.to(self.pool.device)
+        groups = torch.arange(G, device=self.pool.device)[:, None]
+        self.pool.req_to_slot[groups, device_rows[None, :], lens.to(self.pool.device)] = slots.to(
+            device=self.pool.device, dtype=torch.int32
+        )
+        self.row_lens[:, host_rows] = lens + 1
+        self.pool.group_lens[:, device_rows] += 1
+        state = ForwardState("decode", tuple(rows), decode_slots=slots)
+        self.get_kvcache().forward_state = state
+        return state
+
+    # ---- reporting and checks --------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The pool's split and free counts, plus the logical space (for /server_info)."""
+        return {
+            **self.pool.describe(),
+            "logical_slots": self.size,
+            "logical_free": self.logical.available_size(),
+            "sink": self.rule.sink,
+            "window": self.rule.window,
+        }
+
+    def mapped_counts(self) -> tuple[int, ...]:
+        """Group slots each group has handed to logical slots."""
+        return tuple(int(x) for x in (self.logical_to_group[:, 1:] > 0).sum(1).tolist())
+
+    def leaks(self) -> list[str]:
+        """Per group: free + mapped must equal capacity and no slot may be mapped twice or
+        both mapped and free. Returns one readable line per broken group (empty: fine)."""
+        problems = []
+        logical_free = torch.cat((self.logical.free_pages, self.logical.release_pages)).long()
+        for g, allocator in enumerate(self.pool.allocators):
+            mapped = self.logical_to_group[g, 1:]
+            owners = (mapped > 0).nonzero().flatten() + 1
+            slots = mapped[mapped > 0]
+            free = torch.cat((allocator.free_pages, allocator.release_pages)).long()
+            if slots.unique().numel() != slots.numel():
+                problems.append(f"group {g}: a group slot is mapped by two logical slots")
+            if torch.isin(slots, free).any():
+                problems.append(f"group {g}: a mapped group slot is also free")
+            if torch.isin(owners, logical_free.to(owners.device)).any():
+                problems.append(f"group {g}: a free logical slot still maps a group slot")
+            if slots.numel() + free.numel() != self.pool.slots[g]:
+                problems.append(
+                    f"group {g}: {slots.numel()} mapped + {free.numel()} free != "
+                    f"{self.pool.slots[g]} slots"
+                )
+        return problems
+
+
+LOGICAL_CAP = 16  # the logical space is at most this many times the full-KV token count
+
+
+def build_tangram_pools(
+    profile: Profile,
+    ratio: float | None,
+    method: str,
+    full_tokens: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    max_requests: int,
+    max_context: int,
+) -> tuple[TangramKVPool, TangramAllocator]:
+    """The pools for the KV bytes SGLang sized for `full_tokens` uncompressed tokens.
+
+    The bytes are split over the head groups so they run out together at the group
+    ratios; the logical space holds as many raw tokens as the most compressed group could
+    represent (full tokens / smallest ratio, at most `LOGICAL_CAP` times full), since
+    admission counts raw tokens against `available_size` (the scarcest group).
+    """
+    layout = PoolLayout.from_profile(profile, ratio)
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    budget = full_tokens * layout.full_token_bytes(nbytes)
+    pool = RaggedPool.from_budget(layout, budget, dtype, device, max_requests, max_context)
+    logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
+    kv_pool = TangramKVPool(pool, logical, method)
+    rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)
+    return kv_pool, TangramAllocator(logical, kv_pool, rule)

@@ -1,0 +1,112 @@
+"""TangramAllocator: logical slots for SGLang, group slots behind them, whole segments only."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tangram_sglang.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
+from tangram_sglang.budget import BudgetRule, kept_tokens
+from tangram_sglang.layout import PoolLayout
+from tangram_sglang.pool import PoolExhausted, RaggedPool
+from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.synthetic import synthetic_profile
+
+RULE = BudgetRule(sink=2, window=3)
+
+
+def make_allocator(seed: int, logical: int = 400, slots: int = 300, dtype=torch.float32):
+    model = ModelIdentity("test", 2, 8, 4, 4, f"a{seed}")
+    profile = synthetic_profile(model, 0.4, spread=0.8, seed=seed, max_groups=3)
+    layout = PoolLayout.from_profile(profile)
+    pool = RaggedPool(layout, [slots] * layout.num_groups, dtype, "cpu", 8, 256)
+    return TangramAllocator(logical, TangramKVPool(pool, logical), RULE)
+
+
+def test_compressed_segment_maps_its_last_kept_slots_and_rows_compact_the_prefix():
+    seed = random.randrange(10_000)
+    a = make_allocator(seed)
+    n1, n2 = random.randint(12, 40), random.randint(12, 40)
+    first = a.alloc(n1)
+    a.begin_extend([1], [first[:0]], [first])
+    kept = [kept_tokens(n1, r, RULE) for r in a.ratios]
+    for g, k in enumerate(kept):
+        mapped = a.logical_to_group[g, first]
+        assert (mapped[: n1 - k] == 0).all() and (mapped[n1 - k :] > 0).all(), (
+            f"seed {seed}: group {g} keeps {k} of {n1}; mapping {mapped.tolist()}"
+        )
+    second = a.alloc(n2)
+    state = a.begin_extend([2], [first], [second])
+    segment = state.segments[0]
+    assert segment.prefix_lens == tuple(kept), f"seed {seed}: prefix lens {segment.prefix_lens}"
+    for g, slots in enumerate(a.row_slots(2)):
+        expected = torch.cat((a.compact(first)[g], segment.slots[g]))
+        assert torch.equal(slots, expected), f"seed {seed}: row 2 group {g} is {slots.tolist()}"
+    assert a.leaks() == [], f"seed {seed}: {a.leaks()}"
+
+
+def test_free_returns_every_group_slot_and_clear_restores_the_start():
+    seed = random.randrange(10_000)
+    a = make_allocator(seed)
+    start = (a.pool.free_slots(), a.logical_available_size())
+    logical = []
+    for row in range(1, 5):
+        new = a.alloc(random.randint(1, 30))
+        a.begin_extend([row], [new[:0]], [new])
+        dec = a.alloc(1)
+        a.begin_decode([row], dec)
+        logical += [new, dec]
+    assert a.pool.free_slots() != start[0], "nothing was allocated"
+    assert a.available_size() == min(a.logical_available_size(), *a.pool.free_slots())
+    random.shuffle(logical)
+    for chunk in logical:
+        a.free(chunk)
+        assert a.leaks() == [], f"seed {seed}: {a.leaks()}"
+    assert (a.pool.free_slots(), a.logical_available_size()) == start, f"seed {seed}: leaked"
+    new = a.alloc(10)
+    a.begin_extend([1], [new[:0]], [new])
+    a.clear()
+    assert (a.pool.free_slots(), a.logical_available_size()) == start
+
+
+def test_valid_prefix_stops_before_an_incomplete_or_out_of_order_segment():
+    a = make_allocator(random.randrange(10_000))
+    seg = a.alloc(10)
+    a.begin_extend([1], [seg[:0]], [seg])
+    tokens = a.alloc(3)
+    for token in tokens:
+        a.begin_decode([1], token[None])
+    whole = torch.cat((seg, tokens))
+    assert a.valid_prefix_len(whole) == 13
+    for cut in range(1, 10):
+        assert a.valid_prefix_len(whole[:cut]) == 0, f"cut at {cut} inside the segment"
+    assert a.valid_prefix_len(whole[:11]) == 11
+    swapped = seg[[0, 1, 2, 3, 5, 4, 6, 7, 8, 9]]
+    assert a.valid_prefix_len(torch.cat((tokens[:1], swapped))) == 1
+    assert a.valid_prefix_len(seg[1:]) == 0, "a segment without its first token is not valid"
+
+
+def test_group_shortage_evicts_then_names_the_group():
+    a = make_allocator(random.randrange(10_000), slots=20)
+    rows = list(range(1, 9))
+    evicted = []
+    a.begin_decode(rows, a.alloc(8), evicted.append)
+    a.begin_decode(rows, a.alloc(8), evicted.append)
+    assert evicted == [], "evicted although every group had room"
+    with pytest.raises(PoolExhausted, match=r"group \d+ needs 8 slots, 4 free of 20"):
+        a.begin_decode(rows, a.alloc(8), evicted.append)
+    assert evicted == [4], f"the allocator asked the tree to evict {evicted}, expected [4]"
+
+
+def test_built_pools_spend_the_full_kv_bytes_and_widen_the_logical_space():
+    model = ModelIdentity("test", 2, 8, 4, 8, "b")
+    full = 1000
+    kv_pool, allocator = build_tangram_pools(
+        uniform_profile(model, 0.25), None, "snapkv", full, torch.float32, "cpu", 4, 64
+    )
+    budget = full * 2 * 4 * 8 * 2 * 4
+    assert budget - 2 * (2 * 4 * 8 * 2 * 4) <= kv_pool.pool.total_bytes() <= budget
+    assert allocator.size == 4 * full, f"logical slots {allocator.size} for ratio 0.25"
+    assert kv_pool.method == "snapkv"

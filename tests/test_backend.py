@@ -1,0 +1,144 @@
+"""Attention backend `tangram` (torch path) against the float64 reference ragged attention,
+and what it stores: each head's kept tokens of a compressed segment, in order."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from test_allocator import RULE, make_allocator
+
+from tangram_sglang.backend import TangramAttnBackend
+from tangram_sglang.compress.base import forced_mask
+from tangram_sglang.reference import ragged_decode, ragged_extend
+
+HQ, HKV, D = 8, 4, 4
+
+
+def layer(layer_id: int):
+    return SimpleNamespace(
+        layer_id=layer_id,
+        tp_q_head_num=HQ,
+        tp_k_head_num=HKV,
+        tp_v_head_num=HKV,
+        qk_head_dim=D,
+        v_head_dim=D,
+        head_dim=D,
+        scaling=D**-0.5,
+        is_cross_attention=False,
+        attn_type=AttentionType.DECODER,
+        sliding_window_size=-1,
+    )
+
+
+def batch(mode: ForwardMode, rows):
+    return SimpleNamespace(forward_mode=mode, req_pool_indices=torch.tensor(rows))
+
+
+def qkv(tokens: int, gen: torch.Generator):
+    def rand(heads):
+        return torch.randn(tokens, heads, D, dtype=torch.float64, generator=gen)
+
+    return rand(HQ), rand(HKV), rand(HKV)
+
+
+def extend_and_check(backend, allocator, rows, prefixes, lens, gen, seed):
+    """One extend forward over every layer, checked against `ragged_extend`; returns the
+    new logical slots and the state."""
+    new = [allocator.alloc(n) for n in lens]
+    state = allocator.begin_extend(rows, prefixes, new)
+    fb = batch(ForwardMode.EXTEND, rows)
+    backend.init_forward_metadata(fb)
+    pool = allocator.pool
+    for layer_id in range(pool.num_layers):
+        q, k, v = qkv(sum(lens), gen)
+        prefix_lens = pool.group_lens.clone()
+        for s in state.segments:
+            prefix_lens[:, s.row] = torch.tensor(s.prefix_lens, dtype=torch.int32)
+        view = dataclasses.replace(pool.layer_view(layer_id), group_lens=prefix_lens)
+        expected = ragged_extend(q, k, v, lens, view, rows, D**-0.5)
+        out = backend.forward_extend(
+            q.reshape(len(q), -1), k.reshape(len(k), -1), v.reshape(len(v), -1),
+            layer(layer_id), fb,
+        )  # fmt: skip
+        where = f"seed {seed} layer {layer_id}: extend differs from the reference"
+        torch.testing.assert_close(
+            out.view_as(q), expected, rtol=1e-10, atol=1e-10, msg=lambda m, w=where: f"{w}: {m}"
+        )
+        check_stored(pool, layer_id, state, k, v, seed)
+    return new, state
+
+
+def check_stored(pool, layer_id, state, k, v, seed):
+    """Each head's segment slots hold k_g of its new tokens, ascending, sink + window kept."""
+    start = 0
+    for s in state.segments:
+        k_seg, v_seg = k[start : start + s.extend_len], v[start : start + s.extend_len]
+        start += s.extend_len
+        forced = forced_mask(s.extend_len, RULE).nonzero().flatten()
+        for g, slots in enumerate(s.slots):
+            stored_k = pool.k_buffer(g, layer_id)[slots]
+            stored_v = pool.v_buffer(g, layer_id)[slots]
+            for j, h in enumerate(pool.heads_in(g, layer_id)):
+                match = (stored_k[:, j, None] == k_seg[None, :, h]).all(-1)
+                assert (match.sum(1) == 1).all(), f"seed {seed}: stored K is not a new token"
+                index = match.int().argmax(1)
+                assert (index[1:] > index[:-1]).all(), f"seed {seed}: kept tokens out of order"
+                assert torch.isin(forced, index).all() or not s.compress, (
+                    f"seed {seed}: head {h} dropped a sink/window token"
+                )
+                assert torch.equal(stored_v[:, j], v_seg[index, h]), f"seed {seed}: V mismatch"
+
+
+def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
+    seed = random.randrange(10_000)
+    gen = torch.Generator().manual_seed(seed)
+    allocator = make_allocator(seed, dtype=torch.float64)
+    runner = SimpleNamespace(
+        token_to_kv_pool=allocator.get_kvcache(), token_to_kv_pool_allocator=allocator
+    )
+    backend = TangramAttnBackend(runner, method="snapkv")
+    # Turn 1: a compressed segment and one too short to compress.
+    lens = [random.randint(12, 30), random.randint(1, RULE.sink + RULE.window)]
+    first, state = extend_and_check(
+        backend, allocator, [1, 2], [torch.empty(0, dtype=torch.long)] * 2, lens, gen, seed
+    )
+    assert [s.compress for s in state.segments] == [True, False]
+    assert state.segments[0].kept != (lens[0],) * allocator.pool.num_groups
+    # Decode one token for both rows.
+    for _ in range(2):
+        rows = [1, 2]
+        allocator.begin_decode(rows, allocator.alloc(2))
+        fb = batch(ForwardMode.DECODE, rows)
+        backend.init_forward_metadata(fb)
+        for layer_id in range(allocator.pool.num_layers):
+            q, k, v = qkv(2, gen)
+            out = backend.forward_decode(
+                q.reshape(2, -1), k.reshape(2, -1), v.reshape(2, -1), layer(layer_id), fb
+            )
+            expected = ragged_decode(q, allocator.pool.layer_view(layer_id), rows, D**-0.5)
+            where = f"seed {seed} layer {layer_id}: decode differs from the reference"
+            torch.testing.assert_close(
+                out.view_as(q), expected, rtol=1e-10, atol=1e-10, msg=lambda m, w=where: f"{w}: {m}"
+            )
+    # Turn 2 of request 1 in a fresh row: its compressed first turn is the prefix.
+    extend_and_check(backend, allocator, [3], [first[0]], [random.randint(6, 20)], gen, seed)
+
+
+def test_a_forward_without_its_allocation_state_is_refused():
+    allocator = make_allocator(random.randrange(10_000))
+    runner = SimpleNamespace(
+        token_to_kv_pool=allocator.get_kvcache(), token_to_kv_pool_allocator=allocator
+    )
+    backend = TangramAttnBackend(runner)
+    allocator.begin_decode([1], allocator.alloc(1))
+    try:
+        backend.init_forward_metadata(batch(ForwardMode.DECODE, [2]))
+    except RuntimeError as exc:
+        assert "no matching allocation state" in str(exc)
+    else:
+        raise AssertionError("a decode of row 2 ran on row 1's allocation state")

@@ -1,0 +1,182 @@
+"""Radix cache `tangram`: SGLang's RadixCache over logical slots, reusing whole segments only.
+
+Drives the real `RadixCache` machinery (match, split, insert, lock, evict, and the stock
+`cache_finished_req` / our `cache_unfinished_req`) with the real `TangramAllocator`.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from test_allocator import make_allocator
+
+from tangram_sglang.radix import TangramRadixCache
+
+VOCAB = 50
+
+
+def make_cache(seed: int, slots: int = 600):
+    allocator = make_allocator(seed, logical=800, slots=slots)
+    req_to_token_pool = ReqToTokenPool(8, 256, "cpu", False)
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=req_to_token_pool,
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+    )
+    return TangramRadixCache(params), allocator
+
+
+def match(cache, tokens):
+    return cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens))))
+
+
+def path_len(node) -> int:
+    total = 0
+    while node.parent is not None:
+        total += len(node.key)
+        node = node.parent
+    return total
+
+
+class Turn:
+    """One request: match, extend its rest as one segment, decode, then finish by inserting
+    (what SGLang's cache_finished_req does, duplicates freed by the caller)."""
+
+    def __init__(self, cache, allocator, tokens, row):
+        self.cache, self.allocator, self.tokens, self.row = cache, allocator, list(tokens), row
+        m = match(cache, self.tokens)
+        self.prefix, self.node = m.device_indices, m.last_device_node
+        cache.inc_lock_ref(self.node)
+        self.values = [self.prefix]
+        rest = len(self.tokens) - len(self.prefix)
+        evict = lambda n: cache.evict(EvictParams(num_tokens=n))  # noqa: E731
+        new = allocator.alloc(rest)
+        allocator.begin_extend([row], [self.prefix], [new], evict)
+        self.values.append(new)
+
+    def decode(self, rng, count):
+        for _ in range(count):
+            self.tokens.append(rng.randrange(VOCAB))
+            new = self.allocator.alloc(1)
+            self.allocator.begin_decode([self.row], new)
+            self.values.append(new)
+
+    def finish(self):
+        values = torch.cat(self.values)
+        result = self.cache.insert(InsertParams(key=RadixKey(self.tokens), value=values))
+        self.allocator.free(values[len(self.prefix) : result.prefix_len])
+        self.cache.dec_lock_ref(self.node)
+        self.allocator.release_row(self.row)
+
+
+def test_random_multi_turn_traces_reuse_whole_segments_and_free_everything():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    start = (allocator.pool.free_slots(), allocator.logical_available_size())
+    conversations = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(3)]
+    for step in range(30):
+        # Up to three requests in flight at once: shared prefixes insert duplicates.
+        batch = []
+        for row in range(1, rng.randint(1, 3) + 1):
+            c = rng.randrange(len(conversations))
+            cut = rng.randint(1, len(conversations[c]))
+            tokens = conversations[c][:cut] + [
+                rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))
+            ]
+            turn = Turn(cache, allocator, tokens, row)
+            assert allocator.valid_prefix_len(turn.prefix) == len(turn.prefix), (
+                f"seed {seed} step {step}: matched prefix holds an incomplete segment"
+            )
+            assert path_len(turn.node) == len(turn.prefix), (
+                f"seed {seed} step {step}: match node ends at {path_len(turn.node)}, "
+                f"prefix is {len(turn.prefix)}"
+            )
+            batch.append((c, turn))
+        for _, turn in batch:
+            turn.decode(rng, rng.randint(0, 6))
+        rng.shuffle(batch)
+        for c, turn in batch:
+            turn.finish()
+            conversations[c] = turn.tokens
+            assert allocator.leaks() == [], f"seed {seed} step {step}: {allocator.leaks()}"
+    assert cache.protected_size() == 0
+    cache.evict(EvictParams(num_tokens=10**9))
+    assert cache.evictable_size() == 0 and cache.total_size() == 0
+    assert (allocator.pool.free_slots(), allocator.logical_available_size()) == start, (
+        f"seed {seed}: free counts {allocator.pool.free_slots()} after evicting everything, "
+        f"started at {start[0]}"
+    )
+
+
+def test_match_cuts_back_inside_a_compressed_segment_and_keeps_boundaries():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    prompt = [rng.randrange(VOCAB) for _ in range(30)]
+    turn = Turn(cache, allocator, prompt, 1)
+    turn.decode(rng, 3)
+    turn.finish()
+    history = turn.tokens
+    assert match(cache, history[:20] + [VOCAB]).device_indices.numel() == 0, (
+        f"seed {seed}: a match ending inside the 30-token segment was not cut back to 0"
+    )
+    for keep in (30, 31, 33):
+        m = match(cache, history[:keep] + [VOCAB])
+        assert m.device_indices.numel() == keep, f"seed {seed}: boundary {keep} not reused"
+        assert path_len(m.last_device_node) == keep
+    assert allocator.leaks() == []
+
+
+def unfinished_req(cache, allocator, tokens, row):
+    """A request right after its prefill (what SGLang hands cache_unfinished_req)."""
+    new = allocator.alloc(len(tokens))
+    allocator.begin_extend([row], [new[:0]], [new])
+    cache.req_to_token_pool.req_to_token[row, : len(tokens)] = new.to(torch.int32)
+    return SimpleNamespace(
+        req_pool_idx=row,
+        origin_input_ids=list(tokens),
+        output_ids=[],
+        extra_key=None,
+        cache_protected_len=0,
+        last_node=cache.root_node,
+        prefix_indices=new[:0],
+        priority=0,
+        get_fill_ids=lambda: list(tokens),
+        own=new,
+    )
+
+
+def test_twin_requests_adopt_the_first_insert_and_straddling_ones_keep_their_own():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    start = allocator.pool.free_slots()
+    prompt = [rng.randrange(VOCAB) for _ in range(25)]
+    a = unfinished_req(cache, allocator, prompt, 1)
+    twin = unfinished_req(cache, allocator, prompt, 2)
+    longer = unfinished_req(cache, allocator, prompt + [rng.randrange(VOCAB) for _ in range(9)], 3)
+    for req in (a, twin, longer):
+        cache.cache_unfinished_req(req)
+    assert torch.equal(twin.prefix_indices, a.own), f"seed {seed}: twin did not adopt a's slots"
+    for g, (mine, theirs) in enumerate(
+        zip(allocator.row_slots(2), allocator.row_slots(1), strict=True)
+    ):
+        assert torch.equal(mine, theirs), f"seed {seed}: twin's group {g} row not re-pointed"
+    assert torch.equal(longer.prefix_indices, longer.own), (
+        f"seed {seed}: the request whose segment straddles a's insert gave up its own slots"
+    )
+    assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"
+    for req in (a, twin, longer):
+        cache.cache_finished_req(req, kv_len_to_handle=len(req.origin_input_ids))
+        allocator.release_row(req.req_pool_idx)
+    assert match(cache, longer.origin_input_ids).device_indices.numel() == 25
+    cache.evict(EvictParams(num_tokens=10**9))
+    assert allocator.pool.free_slots() == start, f"seed {seed}: slots leaked"
