@@ -100,6 +100,7 @@ def server_env(plugins: bool) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
     env.pop("SGLANG_USE_CPU_ENGINE", None)  # set, SGLang imports sgl_kernel CPU ops
+    env.pop("TRITON_INTERPRET", None)  # the kernel tests' interpreter, not the server's
     env.pop("SGLANG_PLUGINS", None)
     if not plugins:
         env["SGLANG_PLUGINS"] = NO_PLUGINS

@@ -16,9 +16,8 @@ import random
 
 import pytest
 import requests
-from server_harness import ROOT, Launch, build_tiny_model_dir, failed_start, running_servers
+from server_harness import ROOT, Launch, failed_start, running_servers
 
-from tangram_sglang.profile import ModelIdentity, uniform_profile
 from tangram_sglang.tiny_tokenizer import SPECIAL_TOKENS, corpus
 
 pytestmark = pytest.mark.server
@@ -28,18 +27,6 @@ NEW_TOKENS = 12
 SHIPPED_PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
 # The ragged pools keep one request table per head group: few request rows keep it small.
 COMPRESSED = ("--max-running-requests", "16")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen3") / "model")
-
-
-@pytest.fixture(scope="module")
-def profile_file(model_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("profile") / "tiny.uniform.yaml"
-    uniform_profile(ModelIdentity.from_model_path(model_dir), 0.5).save(path)
-    return path
 
 
 def _workload(seed: int) -> dict:

@@ -15,7 +15,6 @@ import multiprocessing
 import random
 
 import pytest
-from server_harness import build_tiny_model_dir
 
 from tangram_sglang import plugin
 from tangram_sglang.compress import SCORERS
@@ -26,18 +25,6 @@ from tangram_sglang.profile import ModelIdentity, uniform_profile
 @pytest.fixture(scope="module", autouse=True)
 def hooks_applied():
     plugin.register()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen3") / "model")
-
-
-@pytest.fixture(scope="module")
-def profile_file(model_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("profile") / "tiny.uniform.yaml"
-    uniform_profile(ModelIdentity.from_model_path(model_dir), 0.5).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
