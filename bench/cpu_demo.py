@@ -91,22 +91,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{'full KV B':>10} {'tangram B':>10} {'share':>6}  tangram B per group"
         )
         print(header)
-        history = ids(args.context)
+        first = ids(args.context)
+        history = {name: list(first) for name in servers}
         for turn in range(1, args.turns + 1):
-            replies = {name: s.generate(history, args.answer_tokens) for name, s in servers.items()}
-            held_tokens = len(history) + args.answer_tokens
-            full = held_tokens * token_bytes
+            replies = {
+                name: server.generate(history[name], args.answer_tokens)
+                for name, server in servers.items()
+            }
+            full = (len(history["stock"]) + args.answer_tokens) * token_bytes
             groups = held_bytes(pool_state(tangram.url))
             print(
-                f"{turn:>4} {len(history):>7} {replies['stock']['meta_info']['cached_tokens']:>13} "
+                f"{turn:>4} {len(history['tangram']):>7} "
+                f"{replies['stock']['meta_info']['cached_tokens']:>13} "
                 f"{replies['tangram']['meta_info']['cached_tokens']:>15} {full:>10} "
                 f"{sum(groups):>10} {sum(groups) / full:>6.1%}  {groups}"
             )
-            history = history + replies["tangram"]["output_ids"] + ids(args.user_tokens)
+            user = ids(args.user_tokens)
+            for name, reply in replies.items():
+                history[name] += reply["output_ids"] + user
         requests.post(f"{tangram.url}/flush_cache", timeout=30).raise_for_status()
         flushed = pool_state(tangram.url)
-        back = flushed["free_slots"] == start["free_slots"]
-        print(f"\nafter /flush_cache every group's free slots are back at the start: {back}")
+        back = flushed["free_slots"] == flushed["slots"] and not any(flushed["reserved"])
+        print(
+            f"\nafter /flush_cache every group's pool is empty again: {back} "
+            f"(free {flushed['free_slots']} of {flushed['slots']}, reserved {flushed['reserved']})"
+        )
     return 0 if back else 1
 
 

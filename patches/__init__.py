@@ -25,6 +25,7 @@ TOUCHPOINTS = (
     "memory_pool",
     "allocation",
     "release",
+    "admission",
     "radix_cache",
     "attention_backend",
     "invariants",

@@ -19,6 +19,12 @@ are valid only up to the last complete segment (`valid_prefix_len`). Group slots
 owned by their logical slots: `free(logical)` frees them in every group (SWA's
 `free_swa` pattern), and a request row only points at them.
 
+Budget Reservation (invariant "reserved == used"): admission (`tangram_sglang.admission`)
+reserves each request's exact per-group need under its request id (`reserve`); once SGLang
+gives the request its row the reservation moves to the row (`bind_reservation`);
+`begin_extend` / `begin_decode` consume it by what they allocate, and `release_row` drops
+what is left. `reserved()` is what admission must keep free or evictable in every group.
+
 `TangramKVPool` is the `KVCache` SGLang holds; it carries the per-forward state the
 allocation hooks write and the `tangram` attention backend reads (overlap scheduling is
 off, so the state written for a batch is the one its forward reads).
@@ -147,6 +153,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.seg_pos = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.seg_len = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
+        self.row_reserved = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
+        self.pending: dict[str, list[int]] = {}  # reservations of requests without a row
         self._next_segment = 1
         self.clear()
 
@@ -186,6 +194,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.seg_pos.zero_()
         self.seg_len.zero_()
         self.row_lens.zero_()
+        self.row_reserved.zero_()
+        self.pending.clear()
         self.is_not_in_free_group = True
         self.free_group = []
         self.get_kvcache().forward_state = None
@@ -247,24 +257,73 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                     f"pool's max_context {width}"
                 )
             self.pool.req_to_slot[g, row, : s.numel()] = s.to(torch.int32)
-        lens = torch.tensor([s.numel() for s in slots], dtype=torch.int64)
-        self.row_lens[:, row] = lens
-        self.pool.group_lens[:, row] = lens.to(device=self.pool.device, dtype=torch.int32)
+        lens = torch.tensor([[s.numel()] for s in slots], dtype=torch.int64)
+        self._store_lens(torch.tensor([row]), lens)
+
+    def _store_lens(self, rows: torch.Tensor, lens: torch.Tensor) -> None:
+        """The one place a row's group lengths change: the host copy (scheduling decisions)
+        and the pool's device table (what the kernels read)."""
+        self.row_lens[:, rows] = lens
+        self.pool.group_lens[:, rows.to(self.pool.device)] = lens.to(
+            device=self.pool.device, dtype=torch.int32
+        )
 
     def rebuild_row(self, row: int, logical: torch.Tensor) -> None:
         """Point request row `row` at the group slots of its logical slots `logical`."""
         self._set_row(row, self.compact(logical))
 
     def release_row(self, row: int) -> None:
-        """A released request no longer reads its row; the slots stay with the tree."""
-        self.row_lens[:, row] = 0
-        self.pool.group_lens[:, row] = 0
+        """A released request no longer reads its row; the slots stay with the tree, and
+        what is left of its reservation returns to admission."""
+        self._store_lens(
+            torch.tensor([row]), torch.zeros((self.pool.num_groups, 1), dtype=torch.int64)
+        )
+        self.row_reserved[:, row] = 0
 
     def row_slots(self, row: int) -> list[torch.Tensor]:
         return [
             self.pool.req_to_slot[g, row, : int(self.row_lens[g, row])].long()
             for g in range(self.pool.num_groups)
         ]
+
+    # ---- Budget Reservation ------------------------------------------------------------
+
+    def reserve(self, key: str, slots: Sequence[int]) -> None:
+        """Hold `slots[g]` group slots of every group for request `key` (admission)."""
+        if len(slots) != self.pool.num_groups or min(slots) < 0:
+            raise ValueError(
+                f"reserve {key!r}: slots {list(slots)} must be {self.pool.num_groups} counts >= 0"
+            )
+        held = self.pending.setdefault(key, [0] * self.pool.num_groups)
+        for g, n in enumerate(slots):
+            held[g] += int(n)
+
+    def bind_reservation(self, key: str, row: int) -> None:
+        """Request `key` got request row `row`: its pending reservation moves there."""
+        held = self.pending.pop(key, None)
+        if held is not None:
+            self.row_reserved[:, row] += torch.tensor(held, dtype=torch.int64)
+
+    def drop_pending(self, key: str) -> None:
+        """Forget the reservation of a request that never got a row."""
+        self.pending.pop(key, None)
+
+    def reserved(self) -> tuple[int, ...]:
+        """Per group, slots reserved and not yet allocated (rows plus pending requests)."""
+        total = self.row_reserved.sum(1)
+        for held in self.pending.values():
+            total = total + torch.tensor(held, dtype=torch.int64)
+        return tuple(int(x) for x in total.tolist())
+
+    def room(self, evictable: Sequence[int]) -> tuple[int, ...]:
+        """Per group, slots admission may still promise: free + `evictable` - reserved."""
+        free = self.pool.free_slots()
+        return tuple(f + e - r for f, e, r in zip(free, evictable, self.reserved(), strict=True))
+
+    def _consume(self, row: int, used: Sequence[int]) -> None:
+        """Allocation for `row` used `used[g]` slots: take them from its reservation."""
+        used_t = torch.tensor(list(used), dtype=torch.int64)
+        self.row_reserved[:, row] = (self.row_reserved[:, row] - used_t).clamp_(min=0)
 
     # ---- allocation for a forward ----------------------------------------------------
 
@@ -288,6 +347,14 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                 f"tangram {what}: {detail} (nothing left to evict from the radix cache); "
                 "lower the load or raise --max-total-tokens / --mem-fraction-static"
             )
+
+    def make_room(self, needs: Sequence[int], evict: Evict | None) -> bool:
+        """Evict until every group has `needs[g]` free slots; False if it cannot."""
+        try:
+            self._ensure_free(needs, evict, "decode")
+        except PoolExhausted:
+            return False
+        return True
 
     def begin_extend(
         self,
@@ -317,6 +384,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             self._set_row(
                 int(row), [torch.cat((p, s)) for p, s in zip(prefix_slots, slots, strict=True)]
             )
+            self._consume(int(row), k)
             segments.append(
                 ExtendSegment(
                     row=int(row),
@@ -354,8 +422,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.pool.req_to_slot[groups, device_rows[None, :], lens.to(self.pool.device)] = slots.to(
             device=self.pool.device, dtype=torch.int32
         )
-        self.row_lens[:, host_rows] = lens + 1
-        self.pool.group_lens[:, device_rows] += 1
+        self._store_lens(host_rows, lens + 1)
+        self.row_reserved[:, host_rows] = (self.row_reserved[:, host_rows] - 1).clamp_(min=0)
         state = ForwardState("decode", tuple(rows), decode_slots=slots)
         self.get_kvcache().forward_state = state
         return state
@@ -370,6 +438,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "logical_free": self.logical.available_size(),
             "sink": self.rule.sink,
             "window": self.rule.window,
+            "reserved": list(self.reserved()),
+            "reserved_requests": int((self.row_reserved.sum(0) > 0).sum()) + len(self.pending),
         }
 
     def mapped_counts(self) -> tuple[int, ...]:

@@ -14,12 +14,22 @@ Decode: the token's K/V go to its new slot in every group, then each head attend
 its group's slots (`reference.ragged_decode` semantics).
 
 The slots come from the per-forward state the allocation hooks wrote on `TangramKVPool`;
-this backend only reads it. The Triton kernels replace this path in a later slice.
+this backend only reads it.
+
+Two paths compute the same function (`kernels=` or `TANGRAM_BACKEND_KERNELS=triton|torch`;
+default triton on CUDA, torch elsewhere): the torch path above (CPU serving; exact
+torch_native at ratio 1.0), and `TritonPath`: AOT ragged decode, one extend launch for
+the whole batch, one scatter launch for the kept tokens. Both read the lengths the
+allocator keeps: decode the pool's `group_lens` (the allocator writes them together with
+its host mirror `row_lens` wherever a row's length changes), extend the prefix lengths
+of the forward state (`group_lens` already counts the new segment's slots).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -29,8 +39,32 @@ from torch.nn.functional import scaled_dot_product_attention
 from tangram_sglang.allocator import ExtendSegment, ForwardState, TangramAllocator, TangramKVPool
 from tangram_sglang.compress import SCORERS, select
 from tangram_sglang.compress.write import write_selected
+from tangram_sglang.plan import AotPlan
+from tangram_sglang.pool import RaggedPool
 
 BACKEND = "tangram"
+KERNELS_ENV = "TANGRAM_BACKEND_KERNELS"
+KERNEL_CHOICES = ("triton", "torch")
+CPU_SMS = 4  # AOT plan width when the Triton path runs without CUDA (interpreter tests)
+
+
+def choose_kernels(kernels: str | None, device: torch.device) -> str:
+    """The attention path: the argument, else `TANGRAM_BACKEND_KERNELS`, else triton on
+    CUDA and torch elsewhere."""
+    choice = (
+        kernels or os.environ.get(KERNELS_ENV) or ("triton" if device.type == "cuda" else "torch")
+    )
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(
+            f"attention backend 'tangram': kernels {choice!r} (argument or {KERNELS_ENV}) is "
+            f"not one of {', '.join(KERNEL_CHOICES)}"
+        )
+    return choice
+
+
+def _new_output(like: torch.Tensor) -> torch.Tensor:
+    """The attention output buffer (one place, so tests can poison it)."""
+    return torch.empty_like(like)
 
 
 def _pick(x: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
@@ -41,8 +75,123 @@ def _pick(x: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
     return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
 
 
+def _num_q_heads(model_runner, pool: RaggedPool) -> int:
+    """Query heads per rank: the model's GQA ratio times the pool's kv heads."""
+    config = model_runner.model_config
+    return config.num_attention_heads // config.get_total_num_kv_heads() * pool.layout.num_kv_heads
+
+
+@dataclass(frozen=True)
+class _DecodeBatch:
+    """A decode forward staged for the kernels, shared by every layer."""
+
+    rows: torch.Tensor  # [B] int32
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # scatter_selected's index args
+
+
+@dataclass(frozen=True)
+class _ExtendBatch:
+    """An extend forward staged for the kernels, shared by every layer."""
+
+    rows: torch.Tensor  # [B] int32
+    extend_lens: torch.Tensor  # [B] int32
+    max_extend_len: int
+    prefix_lens: torch.Tensor  # [G, R+1] int32: the batch rows' prefix lengths
+    slots: tuple[torch.Tensor, ...]  # per group, the segments' slots concatenated
+    starts: tuple[int, ...]  # first token of each segment
+
+
+class TritonPath:
+    """Ragged attention with the Triton kernels.
+
+    The AOT plan, its device tables and the decode workspace are built once, here, from
+    the pool's layout and the device's SM count; a decode step only picks the bucket of
+    its batch size. Per forward, `stage` moves the rows, lengths and slots to the device
+    once for all layers.
+    """
+
+    def __init__(self, pool: RaggedPool, num_q_heads: int, num_sms: int, max_batch: int) -> None:
+        # Imported here, not at module level: Triton reads TRITON_INTERPRET when a kernel
+        # module is first imported, and the torch path must not need Triton at all.
+        from tangram_sglang.kernels import decode, extend, scatter
+
+        self.kernels = (decode, extend, scatter)
+        self.pool = pool
+        self.plan = AotPlan.build(pool.layout, num_q_heads, num_sms)
+        self.schedule = decode.DecodeSchedule(self.plan, pool.device)
+        self.workspace = decode.DecodeWorkspace(
+            self.schedule, max_batch, pool.layout.head_dim, pool.device
+        )
+        self.batch: _DecodeBatch | _ExtendBatch | None = None
+
+    def stage(self, state: ForwardState) -> None:
+        device = self.pool.device
+        rows = torch.tensor(state.rows, dtype=torch.int32, device=device)
+        if state.mode == "decode":
+            groups, batch = state.decode_slots.shape
+            heads = self.plan.num_kv_heads
+            token_index = torch.arange(batch, device=device).expand(heads, batch)
+            counts = torch.full((groups,), batch, dtype=torch.int32, device=device)
+            slots = state.decode_slots.to(device=device, dtype=torch.int64)
+            self.batch = _DecodeBatch(rows, (token_index, slots, counts))
+            return
+        segments = state.segments
+        lens = [s.extend_len for s in segments]
+        prefix_lens = torch.zeros_like(self.pool.group_lens)
+        prefix = torch.tensor([s.prefix_lens for s in segments], dtype=torch.int32).T
+        prefix_lens[:, rows.long()] = prefix.to(device)
+        slots = tuple(
+            torch.cat([s.slots[g].to(device) for s in segments])
+            for g in range(self.pool.num_groups)
+        )
+        starts = tuple(sum(lens[:i]) for i in range(len(lens)))
+        self.batch = _ExtendBatch(
+            rows,
+            torch.tensor(lens, dtype=torch.int32, device=device),
+            max(lens, default=0),
+            prefix_lens,
+            slots,
+            starts,
+        )
+
+    def decode(self, q, k, v, layer) -> torch.Tensor:
+        decode, _, scatter = self.kernels
+        kv = self.pool.layer_view(layer.layer_id)
+        scatter.scatter_selected(kv, k, v, *self.batch.write)
+        out = _new_output(q)
+        work = self.schedule.layer(q.shape[0], layer.layer_id)
+        decode.decode_attention(
+            q, kv, self.batch.rows, layer.scaling, work, self.workspace, out=out
+        )
+        return out
+
+    def extend(self, q, k, v, layer) -> torch.Tensor:
+        """Attention over the prefixes (at their pre-segment lengths) plus the new tokens."""
+        _, extend, _ = self.kernels
+        b = self.batch
+        kv = replace(self.pool.layer_view(layer.layer_id), group_lens=b.prefix_lens)
+        out = _new_output(q)
+        extend.extend_attention(
+            q, k, v, b.extend_lens, kv, b.rows, layer.scaling, b.max_extend_len, out=out
+        )
+        return out
+
+    def store(self, k, v, layer: int, selected: Sequence[torch.Tensor], group_of) -> None:
+        """Write the batch's kept tokens (`selected`: per kv head, token rows of k/v, the
+        segments' in batch order) to the segments' slots in one launch."""
+        _, _, scatter = self.kernels
+        packed = scatter.pack_selection(selected, self.batch.slots, group_of, self.pool.device)
+        scatter.scatter_selected(self.pool.layer_view(layer), k, v, *packed)
+
+
 class TangramAttnBackend(AttentionBackend):
-    def __init__(self, model_runner, method: str | None = None) -> None:
+    def __init__(
+        self,
+        model_runner,
+        method: str | None = None,
+        kernels: str | None = None,
+        num_sms: int | None = None,
+    ) -> None:
         super().__init__()
         kv_pool = model_runner.token_to_kv_pool
         allocator = model_runner.token_to_kv_pool_allocator
@@ -57,11 +206,22 @@ class TangramAttnBackend(AttentionBackend):
         self.scorer = SCORERS[method or kv_pool.method]()
         self.state: ForwardState | None = None
         layout = self.pool.layout
-        # Per layer, per group: kv heads stored there (ascending).
+        # Per layer, per group: kv heads stored there (ascending); per layer, head -> group.
         self.members = [
             [layout.heads[g][layer] for g in range(layout.num_groups)]
             for layer in range(layout.num_layers)
         ]
+        self.group_of = [self.pool.head_group[layer].tolist() for layer in range(layout.num_layers)]
+        self.kernels = choose_kernels(kernels, self.pool.device)
+        self.triton: TritonPath | None = None
+        if self.kernels == "triton":
+            if num_sms is None:
+                cuda = self.pool.device.type == "cuda"
+                props = torch.cuda.get_device_properties(self.pool.device) if cuda else None
+                num_sms = props.multi_processor_count if cuda else CPU_SMS
+            self.triton = TritonPath(
+                self.pool, _num_q_heads(model_runner, self.pool), num_sms, self.pool.max_requests
+            )
 
     # ---- metadata --------------------------------------------------------------------
 
@@ -82,6 +242,8 @@ class TangramAttnBackend(AttentionBackend):
                 "allocation hooks must run right before each forward (overlap scheduling off)"
             )
         self.state = state
+        if self.triton is not None:
+            self.triton.stage(state)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
@@ -100,6 +262,11 @@ class TangramAttnBackend(AttentionBackend):
             raise NotImplementedError("attention backend 'tangram' has no sliding-window layers")
         if layer.qk_head_dim != layer.v_head_dim:
             raise NotImplementedError("attention backend 'tangram' needs equal K and V head dims")
+        if self.triton is not None and layer.tp_q_head_num != self.triton.plan.num_q_heads:
+            raise ValueError(
+                f"attention backend 'tangram': layer {layer.layer_id} has {layer.tp_q_head_num} "
+                f"q heads but the AOT plan was built for {self.triton.plan.num_q_heads}"
+            )
 
     def _shapes(self, q, k, v, layer):
         d = layer.qk_head_dim
@@ -112,7 +279,11 @@ class TangramAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._check_layer(layer, k, save_kv_cache)
         q_, k_, v_ = self._shapes(q, k, v, layer)
-        out = torch.empty_like(q_)
+        if self.triton is not None:
+            out = self.triton.extend(q_, k_, v_, layer)
+            self._store_batch(q_, k_, v_, layer.layer_id)
+            return out.reshape(q_.shape[0], -1)
+        out = _new_output(q_)
         start = 0
         for segment in self.state.segments:
             tokens = slice(start, start + segment.extend_len)
@@ -124,10 +295,12 @@ class TangramAttnBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._check_layer(layer, k, save_kv_cache)
         q_, k_, v_ = self._shapes(q, k, v, layer)
+        if self.triton is not None:
+            return self.triton.decode(q_, k_, v_, layer).reshape(q_.shape[0], -1)
         slots = self.state.decode_slots
         self.pool.write_tokens(layer.layer_id, [slots[g] for g in range(len(slots))], k_, v_)
         query = q_.movedim(0, 1)  # [Hq, B, D], as torch_native slices it
-        out = torch.empty_like(q_)
+        out = _new_output(q_)
         gqa = layer.tp_q_head_num // layer.tp_k_head_num
         for b, row in enumerate(self.state.rows):
             for g, heads in enumerate(self.members[layer.layer_id]):
@@ -179,16 +352,37 @@ class TangramAttnBackend(AttentionBackend):
             out[:, q_heads] = o.squeeze(0)[:, prefix:].movedim(1, 0)
         return out
 
+    def _selection(self, q, k, v, layer: int, segment: ExtendSegment) -> list[torch.Tensor]:
+        """Per kv head, the segment's kept token indices (exactly its group's budget)."""
+        scores = self.scorer.score(q, k, v)
+        kept = [segment.kept[g] for g in self.group_of[layer]]
+        return select(scores, kept, self.allocator.rule)
+
     def _store_segment(self, q, k, v, layer: int, segment: ExtendSegment) -> None:
         """Write the segment's K/V to its group slots: the selected tokens, or all of them."""
         if not segment.compress:
             self.pool.write_tokens(layer, list(segment.slots), k, v)
             return
-        scores = self.scorer.score(q, k, v)
-        group_of = self.pool.head_group[layer].tolist()
-        kept = [segment.kept[g] for g in group_of]
-        selected = select(scores, kept, self.allocator.rule)
+        selected = self._selection(q, k, v, layer, segment)
         write_selected(self.pool, layer, segment.row, k, v, selected, list(segment.slots))
+
+    def _store_batch(self, q, k, v, layer: int) -> None:
+        """Kernel path: every segment's kept tokens (all of an uncompressed one's) in one
+        scatter, or `write_tokens` when no segment compresses."""
+        segments, batch = self.state.segments, self.triton.batch
+        if not any(s.compress for s in segments):
+            self.pool.write_tokens(layer, list(batch.slots), k, v)
+            return
+        per_segment = []
+        for segment, start in zip(segments, batch.starts, strict=True):
+            tokens = slice(start, start + segment.extend_len)
+            if segment.compress:
+                chosen = self._selection(q[tokens], k[tokens], v[tokens], layer, segment)
+            else:
+                chosen = [torch.arange(segment.extend_len)] * len(self.group_of[layer])
+            per_segment.append([c.to(k.device) + start for c in chosen])
+        selected = [torch.cat(heads) for heads in zip(*per_segment, strict=True)]
+        self.triton.store(k, v, layer, selected, self.group_of[layer])
 
 
 def create_tangram_backend(model_runner) -> TangramAttnBackend:

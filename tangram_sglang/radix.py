@@ -82,6 +82,25 @@ class TangramRadixCache(RadixCache):
         row = req.req_pool_idx
         self.allocator.rebuild_row(row, self.req_to_token_pool.req_to_token[row, : len(key)])
 
+    def evictable_group_slots(self) -> tuple[int, ...]:
+        """Per group, the group slots that evicting every unlocked node would free.
+
+        Walks the tree (O(nodes + evictable tokens)) and maps the evictable logical slots
+        through `logical_to_group`; admission calls it once per candidate request.
+        """
+        values, stack = [], [self.root_node]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node is not self.root_node and node.lock_ref == 0 and node.value is not None:
+                values.append(node.value)
+        G = self.allocator.pool.num_groups
+        if not values:
+            return (0,) * G
+        index = torch.cat(values).to(self.allocator.logical_to_group.device).long()
+        counts = (self.allocator.logical_to_group[:, index] > 0).sum(1)
+        return tuple(int(x) for x in counts.tolist())
+
     # ---- helpers ---------------------------------------------------------------------
 
     def _present(self, key: RadixKey) -> tuple[int, torch.Tensor]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from types import SimpleNamespace
 
 import torch
-from sglang.srt.layers.radix_attention import AttentionType
+from backend_fakes import fake_batch, fake_layer, fake_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from test_allocator import RULE, make_allocator
 
@@ -20,23 +19,7 @@ HQ, HKV, D = 8, 4, 4
 
 
 def layer(layer_id: int):
-    return SimpleNamespace(
-        layer_id=layer_id,
-        tp_q_head_num=HQ,
-        tp_k_head_num=HKV,
-        tp_v_head_num=HKV,
-        qk_head_dim=D,
-        v_head_dim=D,
-        head_dim=D,
-        scaling=D**-0.5,
-        is_cross_attention=False,
-        attn_type=AttentionType.DECODER,
-        sliding_window_size=-1,
-    )
-
-
-def batch(mode: ForwardMode, rows):
-    return SimpleNamespace(forward_mode=mode, req_pool_indices=torch.tensor(rows))
+    return fake_layer(layer_id, HQ, HKV, D)
 
 
 def qkv(tokens: int, gen: torch.Generator):
@@ -51,7 +34,7 @@ def extend_and_check(backend, allocator, rows, prefixes, lens, gen, seed):
     new logical slots and the state."""
     new = [allocator.alloc(n) for n in lens]
     state = allocator.begin_extend(rows, prefixes, new)
-    fb = batch(ForwardMode.EXTEND, rows)
+    fb = fake_batch(ForwardMode.EXTEND, rows)
     backend.init_forward_metadata(fb)
     pool = allocator.pool
     for layer_id in range(pool.num_layers):
@@ -98,10 +81,8 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
     seed = random.randrange(10_000)
     gen = torch.Generator().manual_seed(seed)
     allocator = make_allocator(seed, dtype=torch.float64)
-    runner = SimpleNamespace(
-        token_to_kv_pool=allocator.get_kvcache(), token_to_kv_pool_allocator=allocator
-    )
-    backend = TangramAttnBackend(runner, method="snapkv")
+    runner = fake_runner(allocator, HQ)
+    backend = TangramAttnBackend(runner, method="snapkv", kernels="torch")
     # Turn 1: a compressed segment and one too short to compress.
     lens = [random.randint(12, 30), random.randint(1, RULE.sink + RULE.window)]
     first, state = extend_and_check(
@@ -113,7 +94,7 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
     for _ in range(2):
         rows = [1, 2]
         allocator.begin_decode(rows, allocator.alloc(2))
-        fb = batch(ForwardMode.DECODE, rows)
+        fb = fake_batch(ForwardMode.DECODE, rows)
         backend.init_forward_metadata(fb)
         for layer_id in range(allocator.pool.num_layers):
             q, k, v = qkv(2, gen)
@@ -131,13 +112,11 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
 
 def test_a_forward_without_its_allocation_state_is_refused():
     allocator = make_allocator(random.randrange(10_000))
-    runner = SimpleNamespace(
-        token_to_kv_pool=allocator.get_kvcache(), token_to_kv_pool_allocator=allocator
-    )
-    backend = TangramAttnBackend(runner)
+    runner = fake_runner(allocator, HQ)
+    backend = TangramAttnBackend(runner, kernels="torch")
     allocator.begin_decode([1], allocator.alloc(1))
     try:
-        backend.init_forward_metadata(batch(ForwardMode.DECODE, [2]))
+        backend.init_forward_metadata(fake_batch(ForwardMode.DECODE, [2]))
     except RuntimeError as exc:
         assert "no matching allocation state" in str(exc)
     else:

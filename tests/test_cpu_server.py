@@ -5,7 +5,9 @@ With `--kv-compression none` the plugin must leave SGLang exactly stock: same gr
 `--kv-compression uniform --tangram-ratio 1.0` (the tangram backend, ragged pools and
 radix cache, keeping everything) it must give stock's greedy tokens too. With the shipped
 profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache
-and `/flush_cache` must return every head-group pool to its capacity. Flag combinations we
+and `/flush_cache` must return every head-group pool to its capacity; a request that can
+never fit its head groups gets an error while the server keeps serving, and no slot stays
+reserved once the conversation is done (Budget Reservation). Flag combinations we
 cannot serve must stop the server at start-up with our message, before it loads a model.
 Six server starts in all; the four that serve start side by side.
 """
@@ -76,8 +78,21 @@ def _flush(server) -> None:
     assert response.ok, f"/flush_cache -> {response.status_code}: {response.text[:300]}"
 
 
+def _never_fits(server, prompt: list[int], slots: list[int]) -> tuple[int, str]:
+    """A request whose decode budget alone exceeds every head group's capacity (yet within
+    the model's context): status and body of the server's answer."""
+    params = {"temperature": 0.0, "max_new_tokens": max(slots) + 1, "ignore_eos": True}
+    response = requests.post(
+        f"{server.url}/generate",
+        json={"input_ids": prompt, "sampling_params": params},
+        timeout=120,
+    )
+    return response.status_code, response.text
+
+
 def _conversation(server, seed: int) -> dict:
-    """Three turns, each the whole history plus new user tokens; pool states around it."""
+    """Three turns, each the whole history plus new user tokens, then a request that can
+    never fit and one that can; pool states around it."""
     rng = random.Random(seed)
 
     def ids(n: int) -> list[int]:
@@ -90,9 +105,18 @@ def _conversation(server, seed: int) -> dict:
         reply = server.generate(history, NEW_TOKENS)
         turns.append((len(history), reply["meta_info"]["cached_tokens"]))
         history = history + reply["output_ids"] + ids(40)
+    refused = _never_fits(server, ids(8), start["slots"])
+    served = server.generate(ids(8), NEW_TOKENS)["output_ids"]
     held = _pool(server)
     _flush(server)
-    return {"start": start, "turns": turns, "held": held, "flushed": _pool(server)}
+    return {
+        "start": start,
+        "turns": turns,
+        "refused": refused,
+        "served": served,
+        "held": held,
+        "flushed": _pool(server),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +238,25 @@ def test_bad_flag_combination_is_refused_at_startup(
     assert code != 0, f"server exited with 0 for {flags}:\n{log[-2000:]}"
     assert message in log, f"refusal message {message!r} not in the log:\n{log[-2000:]}"
     assert "Load weight begin" not in log, f"server loaded the model before refusing {flags}"
+
+
+def test_a_request_that_can_never_fit_is_refused_and_the_server_keeps_serving(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    status, body = conversation["refused"]
+    assert status == 400 and "can never fit the KV pools: head group" in body, (
+        f"seed {seed}: a request needing more than every group holds got {status}: {body[:500]}"
+    )
+    assert len(conversation["served"]) == NEW_TOKENS, (
+        f"seed {seed}: after the refusal the server answered {conversation['served']}"
+    )
+
+
+def test_reservations_return_to_zero_when_the_conversation_is_done(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    groups = len(conversation["start"]["slots"])
+    for name in ("start", "held", "flushed"):
+        state = conversation[name]
+        assert state["reserved"] == [0] * groups and state["reserved_requests"] == 0, (
+            f"seed {seed}: {name}: {state['reserved_requests']} request(s) still reserve "
+            f"{state['reserved']} group slots with nothing running"
+        )

@@ -1,0 +1,273 @@
+"""Budget Reservation at admission: SGLang's real PrefillAdder (our subclass, installed by
+the plugin's hooks) admits a request only while every head group can hold its exact
+need, records the reservation, allocation consumes it, release returns the rest."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from test_allocator import RULE, make_allocator
+from test_radix import VOCAB, Turn, match
+
+from tangram_sglang.admission import never_fits, short_group, turn_need
+from tangram_sglang.allocator import TangramAllocator, TangramKVPool
+from tangram_sglang.layout import PoolLayout
+from tangram_sglang.pool import RaggedPool
+from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.radix import TangramRadixCache
+
+ROWS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_hooks():
+    """The plugin's hooks applied, and a published ServerArgs (PrefillAdder reads it)."""
+    from sglang.srt.runtime_context import get_context
+
+    from tangram_sglang import plugin
+
+    plugin.register()
+    from tangram_sglang import patches
+
+    patches.apply_all()
+    override = get_context().override_server_args()
+    override.install()
+    yield
+    override.restore()
+
+
+def make_cache(seed: int, slots: int, logical: int = 20_000):
+    allocator = make_allocator(seed, logical=logical, slots=slots)
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=ReqToTokenPool(ROWS, 1024, "cpu", False),
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+    )
+    return TangramRadixCache(params), allocator
+
+
+def make_adder(cache, allocator):
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+
+    adder = PrefillAdder(1, cache, allocator, SimpleNamespace(reqs=[]), 1.0, 10**9, None)
+    assert type(adder).__name__ == "TangramPrefillAdder", (
+        f"the plugin did not replace SGLang's PrefillAdder (got {type(adder).__name__})"
+    )
+    return adder
+
+
+def make_req(rid: str, tokens, max_new: int):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    return Req(rid, "", array("q", tokens), SamplingParams(max_new_tokens=max_new))
+
+
+def offer(adder, cache, req):
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    req.init_next_round_input(cache)
+    result = adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
+    return result == AddReqResult.CONTINUE, result
+
+
+def random_tokens(rng: random.Random, n: int, base: int = 0) -> list[int]:
+    """Token ids from [base, base + VOCAB): the `Turn` helper keys the tree with lists and a
+    Req with arrays, which SGLang refuses to compare, so their vocabularies stay apart."""
+    return [base + rng.randrange(VOCAB) for _ in range(n)]
+
+
+REQUESTS = st.lists(st.tuples(st.integers(1, 120), st.integers(0, 60)), min_size=1, max_size=8)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), slots=st.integers(20, 300), shapes=REQUESTS)
+def test_admission_stops_at_the_first_request_some_group_cannot_hold(seed, slots, shapes):
+    cache, allocator = make_cache(seed, slots)
+    adder = make_adder(cache, allocator)
+    rng = random.Random(seed)
+    reqs = [make_req(f"r{i}", random_tokens(rng, n), m) for i, (n, m) in enumerate(shapes)]
+    held = [0] * allocator.pool.num_groups
+    for i, req in enumerate(reqs):
+        need = turn_need(len(req.origin_input_ids), req.sampling_params.max_new_tokens, allocator)
+        room = [s - h for s, h in zip(allocator.pool.slots, held, strict=True)]
+        admitted, result = offer(adder, cache, req)
+        overflow = short_group(need, room)
+        assert admitted == (overflow is None), (
+            f"seed {seed}: request {i} needs {need} with room {room} per group (ratios "
+            f"{allocator.ratios}); adder answered {result}"
+        )
+        if not admitted:
+            break
+        held = [h + n for h, n in zip(held, need, strict=True)]
+        assert list(allocator.reserved()) == held, (
+            f"seed {seed}: after request {i} the allocator reserves {allocator.reserved()}, "
+            f"the admitted requests need {held}"
+        )
+    assert adder.can_run_list == reqs[: len(adder.can_run_list)]
+    assert list(allocator.pool.free_slots()) == list(allocator.pool.slots), "admission allocated"
+
+
+def test_reservations_are_what_allocation_consumes_and_release_returns_the_rest():
+    from sglang.srt.mem_cache import allocation
+
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=2_000)
+    start = allocator.pool.free_slots()
+    adder = make_adder(cache, allocator)
+    reqs = [
+        make_req(f"r{i}", random_tokens(rng, rng.randint(1, 150)), rng.randint(1, 40))
+        for i in range(rng.randint(2, 6))
+    ]
+    for req in reqs:
+        assert offer(adder, cache, req)[0], f"seed {seed}: {req.rid} refused in a roomy pool"
+    reserved = allocator.reserved()
+    allocation.alloc_req_slots(cache.req_to_token_pool, reqs, cache)  # the plugin binds rows
+    assert allocator.pending == {}, f"seed {seed}: reservations left unbound {allocator.pending}"
+    assert allocator.reserved() == reserved, f"seed {seed}: binding changed the reservation"
+    for req in reqs:
+        new = allocator.alloc(len(req.origin_input_ids))
+        allocator.begin_extend([req.req_pool_idx], [new[:0]], [new])
+        req.logical = [new]
+    decoded = [rng.randint(0, req.sampling_params.max_new_tokens) for req in reqs]
+    for step in range(max(decoded)):
+        live = [r for r, d in zip(reqs, decoded, strict=True) if d > step]
+        new = allocator.alloc(len(live))
+        allocator.begin_decode([r.req_pool_idx for r in live], new)
+        for r, slot in zip(live, new.split(1), strict=True):
+            r.logical.append(slot)
+    used = [s - f for s, f in zip(start, allocator.pool.free_slots(), strict=True)]
+    left = [
+        sum(r.sampling_params.max_new_tokens - d for r, d in zip(reqs, decoded, strict=True))
+    ] * len(start)
+    assert list(allocator.reserved()) == left, (
+        f"seed {seed}: {allocator.reserved()} still reserved, expected the undecoded {left}"
+    )
+    assert [u + r for u, r in zip(used, allocator.reserved(), strict=True)] == list(reserved), (
+        f"seed {seed}: used {used} + reserved {allocator.reserved()} != reserved at "
+        f"admission {reserved}"
+    )
+    assert allocator.describe()["reserved"] == left
+    for req in reqs:
+        allocator.free(torch.cat(req.logical))
+        allocator.release_row(req.req_pool_idx)
+    assert allocator.reserved() == (0,) * len(start), f"seed {seed}: release kept a reservation"
+    assert allocator.pool.free_slots() == start, f"seed {seed}: release did not free every slot"
+    assert allocator.describe()["reserved_requests"] == 0
+
+
+def test_evictable_group_slots_are_what_evicting_the_tree_frees():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=600, logical=800)
+    turns = []
+    for row in range(1, 4):
+        turn = Turn(cache, allocator, random_tokens(rng, rng.randint(10, 60)), row)
+        turn.decode(rng, rng.randint(0, 5))
+        turn.finish()
+        turns.append(turn)
+    locked = Turn(cache, allocator, turns[0].tokens + random_tokens(rng, 5), 4)
+    evictable = cache.evictable_group_slots()
+    before = allocator.pool.free_slots()
+    cache.evict(EvictParams(num_tokens=10**9))
+    freed = [a - b for a, b in zip(allocator.pool.free_slots(), before, strict=True)]
+    assert list(evictable) == freed, (
+        f"seed {seed}: counted {evictable} evictable group slots, evicting freed {freed}"
+    )
+    assert min(evictable) > 0 or cache.evictable_size() == 0
+    locked.finish()
+
+
+def test_admission_counts_evictable_tree_slots_but_not_locked_ones():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=200, logical=2_000)
+    cached = Turn(cache, allocator, random_tokens(rng, 150), 1)
+    cached.finish()  # unlocked: every slot it holds is evictable
+    free, evictable = allocator.pool.free_slots(), cache.evictable_group_slots()
+    # A prompt whose need fits free + evictable in every group but not free alone.
+    n = next(
+        n for n in range(1, 2_000) if short_group(turn_need(n, 0, allocator), free) is not None
+    )
+    need = turn_need(n, 0, allocator)
+    assert short_group(need, [f + e for f, e in zip(free, evictable, strict=True)]) is None, (
+        f"seed {seed}: test setup: need {need}, free {free}, evictable {evictable}"
+    )
+    assert offer(
+        make_adder(cache, allocator), cache, make_req("a", random_tokens(rng, n, VOCAB), 0)
+    )[0], f"seed {seed}: need {need} refused with free {free} + evictable {evictable}"
+    allocator.drop_pending("a")  # that adder's request never ran
+    lock = match(cache, cached.tokens).last_device_node
+    cache.inc_lock_ref(lock)  # a running request now holds the cached turn
+    admitted, _ = offer(
+        make_adder(cache, allocator), cache, make_req("b", random_tokens(rng, n, VOCAB), 0)
+    )
+    assert not admitted, f"seed {seed}: need {need} admitted against locked tree slots"
+    cache.dec_lock_ref(lock)
+
+
+def test_a_request_that_can_never_fit_is_named_with_its_group_and_numbers():
+    seed = random.randrange(10_000)
+    _, allocator = make_cache(seed, slots=random.randint(50, 300))
+    capacity = allocator.pool.slots
+    fits = min(capacity) - 1
+    assert never_fits(1, fits - 1, allocator) is None, (
+        f"seed {seed}: {never_fits(1, fits - 1, allocator)}"
+    )
+    max_new = max(capacity)
+    reason = never_fits(10, max_new, allocator)
+    g = short_group(turn_need(10, max_new, allocator), capacity)
+    need = turn_need(10, max_new, allocator)[g]
+    assert reason is not None and f"head group {g}" in reason, reason
+    assert f"needs {need} slots" in reason and f"holds {capacity[g]}" in reason, reason
+
+
+def test_decode_check_evicts_per_group_instead_of_retracting():
+    """A decode batch fits when free + evictable covers it in every group. SGLang's check
+    evicts only its raw-token shortfall, which frees a quarter as many slots at ratio 0.25
+    (dropped tokens hold none), so it alone would retract here."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    model = ModelIdentity("test", 2, 8, 4, 4, f"u{seed}")
+    pool = RaggedPool(
+        PoolLayout.from_profile(uniform_profile(model, 0.25)), [150], torch.float32, "cpu", 8, 256
+    )
+    allocator = TangramAllocator(4_000, TangramKVPool(pool, 4_000), RULE)
+    cache = TangramRadixCache(
+        CacheInitParams(
+            disable=False,
+            req_to_token_pool=ReqToTokenPool(8, 256, "cpu", False),
+            token_to_kv_pool_allocator=allocator,
+            page_size=1,
+        )
+    )
+    for row in range(6):  # six 60-token turns, one tree node each (distinct first tokens)
+        Turn(cache, allocator, [row] + random_tokens(rng, 59, 10), 1).finish()
+    free, evictable = pool.free_slots(), cache.evictable_group_slots()
+    # More than one node's kept slots (19) beyond free, less than one node's 60 tokens.
+    needed = free[0] + rng.randint(20, 60)
+    assert needed <= free[0] + evictable[0], f"seed {seed}: setup {free} + {evictable}"
+    batch = SimpleNamespace(
+        token_to_kv_pool_allocator=allocator,
+        tree_cache=cache,
+        new_tokens_required_next_decode=lambda selected_indices=None: needed,
+    )
+    assert ScheduleBatch.check_decode_mem(batch), (
+        f"seed {seed}: a decode of {needed} tokens refused with free {free} + evictable {evictable}"
+    )
+    assert pool.free_slots()[0] >= needed, (
+        f"seed {seed}: check passed but the group holds only {pool.free_slots()} free"
+    )
