@@ -38,7 +38,9 @@ DIM = 64 if CUDA else 16
 LAYERS, GROUPS = 2, 3
 RULE = BudgetRule(sink=2, window=3)
 # ||out - ref|| / ||ref|| per (token, q head) row.
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2.5e-2}
+# On a GPU, Triton's fp32 tl.dot runs as TF32 (10-bit mantissa, ~1e-3 relative error:
+# measured 1.5e-3 on the H100); the interpreter computes in full fp32.
+TOL = {torch.float32: 5e-3 if CUDA else 1e-4, torch.bfloat16: 2.5e-2}
 
 
 def random_layout(num_kv_heads: int) -> PoolLayout:
