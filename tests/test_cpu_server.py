@@ -90,6 +90,26 @@ def _never_fits(server, prompt: list[int], slots: list[int]) -> tuple[int, str]:
     return response.status_code, response.text
 
 
+def _frontend_program(server) -> list[tuple[str, int]]:
+    """An SGLang frontend program (`sgl.function` with system/user/assistant turns) run
+    against the server: each turn's answer and its cached prompt tokens."""
+    import sglang as sgl
+
+    @sgl.function
+    def multi_turn(s, questions):
+        s += sgl.system("Answer briefly. " * 20)
+        for i, question in enumerate(questions):
+            s += sgl.user(question)
+            s += sgl.assistant(sgl.gen(f"a{i}", max_tokens=NEW_TOKENS, temperature=0))
+
+    questions = ["which river is the longest " * 5, "and why is that " * 3, "one more " * 3]
+    state = multi_turn.run(questions=questions, backend=sgl.RuntimeEndpoint(server.url))
+    return [
+        (state[f"a{i}"], state.get_meta_info(f"a{i}")["cached_tokens"])
+        for i in range(len(questions))
+    ]
+
+
 def _conversation(server, seed: int) -> dict:
     """Three turns, each the whole history plus new user tokens, then a request that can
     never fit and one that can; pool states around it."""
@@ -105,6 +125,7 @@ def _conversation(server, seed: int) -> dict:
         reply = server.generate(history, NEW_TOKENS)
         turns.append((len(history), reply["meta_info"]["cached_tokens"]))
         history = history + reply["output_ids"] + ids(40)
+    frontend = _frontend_program(server)
     refused = _never_fits(server, ids(8), start["slots"])
     served = server.generate(ids(8), NEW_TOKENS)["output_ids"]
     held = _pool(server)
@@ -112,6 +133,7 @@ def _conversation(server, seed: int) -> dict:
     return {
         "start": start,
         "turns": turns,
+        "frontend": frontend,
         "refused": refused,
         "served": served,
         "held": held,
@@ -260,3 +282,14 @@ def test_reservations_return_to_zero_when_the_conversation_is_done(transcripts):
             f"seed {seed}: {name}: {state['reserved_requests']} request(s) still reserve "
             f"{state['reserved']} group slots with nothing running"
         )
+
+
+def test_sglang_frontend_multi_turn_program_reuses_compressed_turns(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    turns = conversation["frontend"]
+    assert all(answer for answer, _ in turns), f"seed {seed}: an empty answer in {turns}"
+    cached = [c for _, c in turns]
+    assert cached[1] > 0 and cached[2] > cached[1], (
+        f"seed {seed}: the frontend program's follow-up turns did not reuse the earlier "
+        f"turns from the radix cache (cached tokens per turn {cached})"
+    )
