@@ -339,6 +339,25 @@ class HeadStatistics:
     rank: np.ndarray
     rank_stability: float
 
+    @classmethod
+    def from_moments(
+        cls,
+        mean: np.ndarray,
+        std: np.ndarray,
+        p90: np.ndarray,
+        alpha: float,
+        minimum: float | np.ndarray = 0.0,
+        rank_stability: float = 1.0,
+    ) -> HeadStatistics:
+        """reserved = min(1, mean + alpha * std), rounded up to 6 decimals and never below
+        `minimum`; rank 0 is the largest mean (ties: lower layer, then head)."""
+        reserved = np.minimum(1.0, _ceil6(mean + alpha * std))
+        reserved = np.minimum(1.0, np.maximum(reserved, _ceil6(np.asarray(minimum, np.float64))))
+        order = np.argsort(-mean.ravel(), kind="stable")
+        rank = np.empty(mean.size, dtype=np.int64)
+        rank[order] = np.arange(mean.size)
+        return cls(mean, std, p90, reserved, rank.reshape(mean.shape), rank_stability)
+
     def to_heads(self) -> tuple[HeadStats, ...]:
         layers, heads = self.mean.shape
         return tuple(
@@ -375,13 +394,35 @@ def head_statistics(
         raise ValueError(f"kept_ratios must be [samples >= 2, L, H], got {r.shape}")
     mean, std = r.mean(0), r.std(0, ddof=1)
     p90 = np.percentile(r, 90, axis=0)
-    reserved = np.minimum(1.0, _ceil6(mean + alpha * std))
-    reserved = np.minimum(1.0, np.maximum(reserved, _ceil6(np.asarray(minimum, dtype=np.float64))))
-    order = np.argsort(-mean.ravel(), kind="stable")
-    rank = np.empty(mean.size, dtype=np.int64)
-    rank[order] = np.arange(mean.size)
     stability = float(np.mean([spearman(sample, mean) for sample in r]))
-    return HeadStatistics(mean, std, p90, reserved, rank.reshape(mean.shape), stability)
+    return HeadStatistics.from_moments(mean, std, p90, alpha, minimum, stability)
+
+
+def profile_from_statistics(
+    identity: ModelIdentity,
+    method: str,
+    calibration: Calibration,
+    stats: HeadStatistics,
+    max_groups: int,
+    grouping: str,
+    extra: dict[str, float] | None = None,
+) -> Profile:
+    """Head groups (with their waste report in `extra`) and the profile, from statistics."""
+    heads = stats.to_heads()
+    groups, report = build_groups(
+        heads, identity.num_layers, identity.num_kv_heads, max_groups, grouping
+    )
+    report = {key: round(float(value), 4) + 0.0 for key, value in report.items()}
+    return Profile(
+        identity,
+        method,
+        calibration,
+        heads,
+        groups,
+        grouping,
+        round(stats.rank_stability, 6),
+        {**report, **(extra or {})},
+    )
 
 
 def coverage(reserved: np.ndarray, held_out_kept: np.ndarray) -> float:
@@ -523,26 +564,16 @@ def build_profile(
     tokens = np.array([done[i][0] for i in sorted(done)], dtype=np.float64)
     ratios = np.stack([kept_fraction(done[i][1], done[i][0], config.rule) for i in sorted(done)])
     stats = head_statistics(ratios, config.alpha, minimum=1e-6)
-    heads = stats.to_heads()
-    groups, report = build_groups(
-        heads, identity.num_layers, identity.num_kv_heads, config.max_groups, config.grouping
-    )
-    extra = {key: round(float(value), 4) + 0.0 for key, value in report.items()}
-    extra["in_sample_coverage"] = round(coverage(stats.reserved, ratios), 4)
-    extra["mean_tokens"] = round(float(tokens.mean()), 1)
-    extra["mean_kept_ratio"] = round(float(ratios.mean()), 6)
     calib = Calibration(
         len(done), config.ratio, config.seed, config.alpha, config.sink, config.window, dataset
     )
-    return Profile(
-        identity,
-        config.method,
-        calib,
-        heads,
-        groups,
-        config.grouping,
-        round(stats.rank_stability, 6),
-        extra,
+    extra = {
+        "in_sample_coverage": round(coverage(stats.reserved, ratios), 4),
+        "mean_tokens": round(float(tokens.mean()), 1),
+        "mean_kept_ratio": round(float(ratios.mean()), 6),
+    }
+    return profile_from_statistics(
+        identity, config.method, calib, stats, config.max_groups, config.grouping, extra
     )
 
 

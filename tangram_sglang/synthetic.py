@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tangram_sglang.grouping import build_groups
-from tangram_sglang.profile import Calibration, HeadStats, ModelIdentity, Profile
+from tangram_sglang.calibrate import HeadStatistics, profile_from_statistics
+from tangram_sglang.profile import Calibration, ModelIdentity, Profile
 
 
 def profile_from_table(
@@ -24,38 +24,15 @@ def profile_from_table(
     grouping: str = "global",
     rank_stability: float = 1.0,
 ) -> Profile:
-    """Profile from per-(layer, head) kept-ratio mean/std tables ([layers, kv_heads])."""
+    """Profile from per-(layer, head) kept-ratio mean/std tables ([layers, kv_heads]),
+    reserved and grouped exactly as calibration does (p90 assumes a normal spread)."""
     mean = np.clip(np.asarray(mean, dtype=np.float64), 1e-6, 1.0)
     std = np.maximum(np.asarray(std, dtype=np.float64), 0.0)
-    reserved = np.minimum(1.0, np.ceil((mean + calibration.alpha * std) * 1e6) / 1e6)
-    p90 = np.minimum(reserved, np.minimum(1.0, mean + 1.2816 * std))
-    order = np.argsort(-mean.reshape(-1), kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    heads = tuple(
-        HeadStats(
-            layer,
-            head,
-            float(mean[layer, head]),
-            float(std[layer, head]),
-            float(max(p90[layer, head], 1e-6)),
-            float(reserved[layer, head]),
-            int(rank[layer * model.num_kv_heads + head]),
-        )
-        for layer in range(model.num_layers)
-        for head in range(model.num_kv_heads)
+    p90 = np.minimum(1.0, mean + 1.2816 * std)
+    stats = HeadStatistics.from_moments(
+        mean, std, p90, calibration.alpha, minimum=1e-6, rank_stability=rank_stability
     )
-    groups, report = build_groups(heads, model.num_layers, model.num_kv_heads, max_groups, grouping)
-    return Profile(
-        model,
-        method,
-        calibration,
-        heads,
-        groups,
-        grouping,
-        rank_stability,
-        extra={k: round(v, 4) for k, v in report.items()},
-    )
+    return profile_from_statistics(model, method, calibration, stats, max_groups, grouping)
 
 
 def synthetic_profile(
