@@ -39,7 +39,6 @@ import sys
 import time
 import traceback
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +49,7 @@ from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.plan import AotPlan
 from tangram_sglang.profile import Calibration, ModelIdentity, Profile, uniform_profile
+from tangram_sglang.ragged_kv import RaggedKV
 from tangram_sglang.synthetic import profile_from_table
 
 QWEN3_4B = {
@@ -81,19 +81,6 @@ VARIANTS = {
 
 class NotApplicable(Exception):
     """A method that cannot run at this point (the reason is recorded, not an error)."""
-
-
-@dataclass
-class BenchKV:
-    """One layer of ragged storage per the pool contract (fields as `pool.RaggedKV`)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    head_group: torch.Tensor
-    head_base: torch.Tensor
-    head_stride: torch.Tensor
-    req_to_slot: torch.Tensor
-    group_lens: torch.Tensor
 
 
 # ---- profiles ------------------------------------------------------------------------
@@ -207,7 +194,7 @@ class Storage:
                 start += self.capacity[g] * len(members)
             c = layer % copies
             self.layers.append(
-                BenchKV(
+                RaggedKV(
                     self.k_bufs[c][: rows[layer]],
                     self.v_bufs[c][: rows[layer]],
                     group.to(device),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import triton
@@ -30,21 +29,10 @@ import triton.language as tl
 from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 
 from tangram_sglang.plan import AotPlan
+from tangram_sglang.ragged_kv import RaggedKV
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-class RaggedKVLike(Protocol):
-    """The ragged storage contract (`tangram_sglang.pool.RaggedKV`) as the kernels read it."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    head_group: torch.Tensor
-    head_base: torch.Tensor
-    head_stride: torch.Tensor
-    req_to_slot: torch.Tensor
-    group_lens: torch.Tensor
 
 
 def interpreting() -> bool:
@@ -323,7 +311,7 @@ def _merge_kernel(
 
 
 def _check_decode_args(
-    q: torch.Tensor, kv: RaggedKVLike, req_rows: torch.Tensor, work: LayerWork
+    q: torch.Tensor, kv: RaggedKV, req_rows: torch.Tensor, work: LayerWork
 ) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
@@ -347,7 +335,7 @@ def _check_decode_args(
 
 def decode_attention(
     q: torch.Tensor,
-    kv: RaggedKVLike,
+    kv: RaggedKV,
     req_rows: torch.Tensor,
     sm_scale: float,
     work: LayerWork,

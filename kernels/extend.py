@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from tangram_sglang.kernels.decode import LOG2E, RaggedKVLike, interpreting
+from tangram_sglang.kernels.decode import LOG2E, interpreting
 from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
+
+from tangram_sglang.ragged_kv import RaggedKV
 
 
 @triton.jit
@@ -133,7 +135,7 @@ def extend_attention(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     extend_lens: torch.Tensor,
-    kv: RaggedKVLike,
+    kv: RaggedKV,
     req_rows: torch.Tensor,
     sm_scale: float,
     max_extend_len: int,

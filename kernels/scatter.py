@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from tangram_sglang.kernels.decode import RaggedKVLike
+
+from tangram_sglang.ragged_kv import RaggedKV
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def pack_selection(
 
 
 def scatter_selected(
-    kv: RaggedKVLike,
+    kv: RaggedKV,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     token_index: torch.Tensor,

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.kernels.decode import RaggedKVLike, merge_partials
+from tangram_sglang.kernels.decode import merge_partials
 from tangram_sglang.plan import AotPlan
+from tangram_sglang.ragged_kv import RaggedKV
 
 MODES = ("replan", "aot")
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -73,7 +74,7 @@ class FlashInferRaggedDecode:
 
     def __init__(
         self,
-        layers: Sequence[RaggedKVLike],
+        layers: Sequence[RaggedKV],
         plan: AotPlan,
         capacity: Sequence[int],
         page_size: int,
@@ -165,7 +166,7 @@ class FlashInferRaggedDecode:
         }
         self._planned = False
 
-    def _layer_shapes(self, layer: int, kv: RaggedKVLike, capacity: Sequence[int]) -> list[_Shape]:
+    def _layer_shapes(self, layer: int, kv: RaggedKV, capacity: Sequence[int]) -> list[_Shape]:
         base = kv.head_base.cpu().tolist()
         gqa, p, dim = self.plan.gqa, self.page_size, self.head_dim
         shapes = []
