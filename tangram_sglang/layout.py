@@ -57,7 +57,7 @@ class PoolLayout:
     def full_token_bytes(self, dtype_bytes: int) -> int:
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * dtype_bytes
 
-    def split_budget(
+    def _split_budget(
         self, total_bytes: int, demand: Sequence[float], dtype_bytes: int, page_size: int = 1
     ) -> tuple[int, ...]:
         """Slots per group so that, for `demand` (slots per unit of work), groups run out
@@ -83,8 +83,8 @@ class PoolLayout:
             raise ValueError(
                 f"total_bytes {total_bytes} does not even cover the padding pages ({padding} bytes)"
             )
-        slots = list(self.split_budget(total_bytes - padding, demand, dtype_bytes, page_size))
-        # split_budget floors in floating point; shave a page where rounding overshot.
+        slots = list(self._split_budget(total_bytes - padding, demand, dtype_bytes, page_size))
+        # _split_budget floors in floating point; shave a page where rounding overshot.
         while sum((s + page_size) * b for s, b in zip(slots, slot_bytes, strict=True)) > (
             total_bytes
         ):

@@ -3,7 +3,7 @@
 Compares, for one workload shape, full KV, uniform compression at the target ratio,
 the profile's per-head budgets on a single-length paged pool (every head padded to the
 largest reserved ratio: what a stock paged engine must do), and Tangram's head-group
-pools. All numbers come from `budget.session_slots` and `PoolLayout.split_budget`, the
+pools. All numbers come from `budget.session_slots` and `PoolLayout.pool_slots`, the
 same functions `RaggedPool` sizes itself with.
 """
 
