@@ -374,10 +374,10 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         segments = []
         for row, prefix, logical, n, k in zip(rows, prefixes, new, lengths, kept, strict=True):
             prefix_slots = self.compact(prefix)
+            index = logical.to(self.logical_to_group.device).long()
             slots = []
             for g, count in enumerate(k):
                 got = self.pool.allocators[g].alloc(count)
-                index = logical.to(self.logical_to_group.device).long()
                 self.logical_to_group[g, index] = 0
                 self.logical_to_group[g, index[n - count :]] = got
                 slots.append(got)
