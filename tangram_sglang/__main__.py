@@ -1,4 +1,6 @@
-"""`python -m tangram_sglang plan ...`: capacity planning from a profile."""
+"""`python -m tangram_sglang plan ...`: capacity planning from a profile.
+`python -m tangram_sglang synthetic ...`: a synthetic profile for a model that cannot be
+calibrated (dummy weights on the GPU benchmarks), shaped like the model's config.json."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from importlib.resources import files
 
 from tangram_sglang.budget import Workload
 from tangram_sglang.planner import capacity_plan, format_plan
-from tangram_sglang.profile import Profile, ProfileError
+from tangram_sglang.profile import ModelIdentity, Profile, ProfileError
+from tangram_sglang.synthetic import synthetic_profile
 
 DEFAULT_PROFILE = "tiny-qwen3.ada-snapkv.yaml"
 
@@ -26,11 +29,36 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--turns", type=int, default=4)
     plan.add_argument("--user-tokens", type=int, default=256)
     plan.add_argument("--answer-tokens", type=int, default=256)
+    synth = sub.add_parser("synthetic", help="synthetic profile for a model's config.json")
+    synth.add_argument("--model-path", required=True, help="folder with the model's config.json")
+    synth.add_argument("--ratio", type=float, required=True, help="mean kept ratio, (0, 1]")
+    synth.add_argument("--out", required=True, help="profile YAML to write")
+    synth.add_argument("--groups", type=int, default=4, help="head groups (max)")
+    synth.add_argument("--spread", type=float, default=0.6, help="log-normal sigma of ratios")
+    synth.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    model = ModelIdentity.from_model_path(args.model_path)
+    profile = synthetic_profile(model, args.ratio, args.spread, args.seed, args.groups)
+    profile.save(args.out)
+    ratios = [round(r, 4) for r in profile.group_ratios()]
+    print(
+        f"{args.out}: {model.architecture} {model.num_layers}x{model.num_kv_heads} kv heads, "
+        f"{profile.num_groups} groups at ratios {ratios}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "synthetic":
+        try:
+            return _synthetic(args)
+        except (ProfileError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.profile:
             profile = Profile.load(args.profile)

@@ -59,8 +59,7 @@ def capacity_plan(
     layout = PoolLayout.from_profile(profile, target_ratio)
     turns = workload.turn_shapes()
     ratio = target_ratio if target_ratio is not None else c.base_ratio
-    scale = ratio / c.base_ratio
-    padded = min(1.0, max(h.reserved for h in profile.heads) * scale)
+    padded = max(layout.ratios)  # one paged pool reserves every head's budget for the largest
 
     demand = session_slots(turns, layout.ratios, rule)
     slots = layout.pool_slots(kv_bytes, demand, dtype_bytes, page_size)

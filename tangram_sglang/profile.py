@@ -145,14 +145,16 @@ class Profile:
     def group_ratios(self, target_ratio: float | None = None) -> tuple[float, ...]:
         """Each group's kept ratio when serving at `target_ratio` (default: as calibrated).
 
-        Scaling is proportional to the calibrated ratios and clipped at 1, so the head
-        ranking (the model property) is kept while the overall budget moves.
+        The head-weighted mean budget moves by target / calibrated; budget a group cannot
+        use above 1 goes to the others in proportion to their ratios (`scale_ratios`), so
+        the head ranking (the model property) is kept and a target of 1.0 keeps every token.
         """
         if target_ratio is None:
             return tuple(g.ratio for g in self.groups)
         check_ratio(target_ratio, "tangram-ratio")
-        scale = target_ratio / self.calibration.base_ratio
-        return tuple(min(1.0, g.ratio * scale) for g in self.groups)
+        factor = target_ratio / self.calibration.base_ratio
+        weights = [len(g.heads) for g in self.groups]
+        return scale_ratios([g.ratio for g in self.groups], weights, factor)
 
     def group_of(self) -> list[list[int]]:
         """`[layer][kv_head] -> gid`."""
@@ -230,6 +232,28 @@ def check_ratio(value: float, name: str) -> float:
     if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
         raise _fail(name, f"{value!r} is outside (0, 1]")
     return float(value)
+
+
+def scale_ratios(
+    ratios: Sequence[float], weights: Sequence[int], factor: float
+) -> tuple[float, ...]:
+    """Ratios scaled by one common s with `min(1, s * r)`, s chosen so that the weighted
+    mean is `factor` times today's (at most 1): water-filling, so that the budget a ratio
+    clipped at 1 cannot use is not lost. `factor <= 1` is plain proportional scaling."""
+    total = sum(weights)
+    target = min(1.0, factor * sum(w * r for w, r in zip(weights, ratios, strict=True)) / total)
+    if target >= 1.0 - 1e-12:
+        return tuple(1.0 for _ in ratios)
+    order = sorted(range(len(ratios)), key=lambda i: -ratios[i])
+    clipped_weight = 0.0
+    for k in range(len(order) + 1):
+        rest = order[k:]
+        mass = sum(weights[i] * ratios[i] for i in rest)
+        scale = (target * total - clipped_weight) / mass
+        if all(scale * ratios[i] <= 1.0 for i in rest):
+            return tuple(min(1.0, scale * r) for r in ratios)
+        clipped_weight += weights[order[k]]
+    raise AssertionError("unreachable: a mean below 1 leaves a ratio unclipped")
 
 
 def uniform_profile(model: ModelIdentity, ratio: float, sink: int = 4, window: int = 32) -> Profile:

@@ -1,5 +1,6 @@
 """Capacity planning agrees with the budget rule and the pool split it is built from."""
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from tangram_sglang.__main__ import main
 from tangram_sglang.budget import BudgetRule, Workload, session_slots
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.planner import capacity_plan
-from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.profile import ModelIdentity, Profile, uniform_profile
 from tangram_sglang.synthetic import synthetic_profile
 
 CONFIG = {
@@ -92,3 +93,22 @@ def test_plan_reports_the_slots_a_ragged_pool_allocates():
     pool = RaggedPool.from_budget(profile, kv_bytes, torch.float16, "cpu", 4, 64, 16, demand=demand)
     assert tuple(pool.slots) == tuple(g.slots for g in plan.groups)
     assert pool.sessions_that_fit(demand) == plan.rows[-1].sessions
+
+
+def test_synthetic_command_writes_a_profile_for_the_model(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    out = tmp_path / "synthetic.yaml"
+    args = ["synthetic", "--model-path", str(model_dir), "--ratio", "0.3", "--out", str(out)]
+    assert main([*args, "--groups", "3"]) == 0
+    profile = Profile.load(out)
+    profile.check_model(MODEL)
+    assert 1 <= profile.num_groups <= 3, f"{profile.num_groups} groups, asked for at most 3"
+    assert f"{profile.num_groups} groups" in capsys.readouterr().out
+    kept = np.mean([h.mean for h in profile.heads])
+    assert kept == pytest.approx(0.3, rel=0.1), f"mean kept ratio {kept}, asked for 0.3"
+    assert (
+        main(["synthetic", "--model-path", str(tmp_path), "--ratio", "0.3", "--out", str(out)]) == 2
+    )
+    assert "no config.json" in capsys.readouterr().err

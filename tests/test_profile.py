@@ -3,8 +3,16 @@
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tangram_sglang.profile import ModelIdentity, Profile, ProfileError, uniform_profile
+from tangram_sglang.profile import (
+    ModelIdentity,
+    Profile,
+    ProfileError,
+    scale_ratios,
+    uniform_profile,
+)
 from tangram_sglang.synthetic import synthetic_profile
 
 CONFIG = {
@@ -48,13 +56,48 @@ def test_group_tables_cover_every_head_once(profile, model):
     assert sum(map(sum, counts)) == model.num_layers * model.num_kv_heads
 
 
-def test_group_ratios_scale_and_clip(profile):
+def test_group_ratios_move_the_mean_budget_and_keep_the_ranking(profile):
     base = profile.group_ratios()
-    doubled = profile.group_ratios(0.5)
-    for b, d in zip(base, doubled, strict=True):
-        assert d == pytest.approx(min(1.0, 2 * b))
+    weights = [len(g.heads) for g in profile.groups]
+
+    def mean(ratios):
+        return sum(w * r for w, r in zip(weights, ratios, strict=True)) / sum(weights)
+
+    for factor in (0.5, 1.5, 2.0, 3.0):
+        target = profile.calibration.base_ratio * factor
+        if target > 1.0:
+            continue
+        scaled = profile.group_ratios(target)
+        assert mean(scaled) == pytest.approx(min(1.0, factor * mean(base))), (factor, scaled)
+        order = sorted(range(len(base)), key=lambda g: base[g])
+        assert [scaled[g] for g in order] == sorted(scaled), f"ranking changed: {base} -> {scaled}"
+        assert all(0.0 < r <= 1.0 for r in scaled)
+    assert profile.group_ratios(1.0) == (1.0,) * len(base), "ratio 1.0 must keep every token"
     with pytest.raises(ProfileError, match="tangram-ratio"):
         profile.group_ratios(1.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ratios=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6),
+    data=st.data(),
+    factor=st.floats(0.05, 20.0),
+)
+def test_scale_ratios_water_fills_up_to_one(ratios, data, factor):
+    weights = data.draw(st.lists(st.integers(1, 50), min_size=len(ratios), max_size=len(ratios)))
+    scaled = scale_ratios(ratios, weights, factor)
+    total = sum(weights)
+    want = min(1.0, factor * sum(w * r for w, r in zip(weights, ratios, strict=True)) / total)
+    got = sum(w * r for w, r in zip(weights, scaled, strict=True)) / total
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (ratios, weights, factor, scaled)
+    assert all(0.0 < r <= 1.0 for r in scaled)
+    free = [b / a for a, b in zip(ratios, scaled, strict=True) if b < 1.0]
+    if free:  # one common scale s: min(1, s * r) for every ratio
+        scale = free[0]
+        assert free == pytest.approx([scale] * len(free))
+        assert all(scale * a >= 1.0 - 1e-9 for a, b in zip(ratios, scaled, strict=True) if b == 1.0)
+    if factor <= 1.0:
+        assert scaled == pytest.approx([factor * r for r in ratios])
 
 
 def test_profile_for_another_model_is_refused(profile):

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# GPU side, one command (carry .whl/part1 and .device-cache; see README.md):
+#   SGLang 0.5.17 end to end with --kv-compression tangram on a Qwen3-4B-shaped model
+#   (--load-format dummy, token ids only), against stock SGLang, in one run:
+#   (1) greedy: stock and tangram at --tangram-ratio 1.0 give identical greedy outputs
+#       (fp32 both, TRITON_F32_DEFAULT=ieee so no tf32 dot anywhere);
+#   (2) sessions: at 0.25, N sessions x T turns run without error, every follow-up turn
+#       hits the radix cache, the pools return to their start after /flush_cache;
+#   (3) frontend: a multi-turn sgl.function program (a text server: the same shape with the
+#       local tiny tokenizer and its vocabulary) reuses its earlier turns.
+#   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
+# Knobs: PHASES ("greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
+# FIRST_TOKENS (1024), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192),
+# STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3).
+# CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
+# (adds --device cpu and the tests' CPU stand-ins).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+START=$(date +%s)
+REPO=$PWD
+OUT=${OUT:-/tmp/e2e-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/e2e.log") 2>&1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-570}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${MODEL_SHAPE:-qwen3-4b}
+CONTEXT=${CONTEXT:-8192}
+say() { echo "[e2e +$(($(date +%s) - START))s] $*"; }
+
+say "== device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+say "date: $(date -u +%FT%TZ)  cores: $(nproc)"
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  envs=$(bash bench/device/install.sh) || { say "install failed"; exit 1; }
+  eval "$envs"
+fi
+eval "$(bash bench/device/link_source.sh)"
+if [ "$DEVICE" = cpu ]; then
+  export PYTHONPATH="$REPO/tests/cpu_shims:$PYTHONPATH"
+  unset SGLANG_USE_CPU_ENGINE
+fi
+# A neutral folder: the repository root would put its own kernels/ on sys.path.
+WORK=${WORKDIR:-/tmp/e2e-work}
+mkdir -p "$WORK" && cd "$WORK" || exit 1
+
+MODEL=$WORK/model-$SHAPE
+TEXT_MODEL=$WORK/model-$SHAPE-text
+"$PY" "$REPO/bench/device/model_config.py" "$MODEL" --shape "$SHAPE" || exit 1
+"$PY" "$REPO/bench/device/model_config.py" "$TEXT_MODEL" --shape "$SHAPE" --vocab 1024 --tokenizer || exit 1
+"$PY" -m tangram_sglang synthetic --model-path "$MODEL" --ratio 0.25 --out "$WORK/profile.yaml" || exit 1
+"$PY" -m tangram_sglang synthetic --model-path "$TEXT_MODEL" --ratio 0.25 --out "$WORK/profile-text.yaml" || exit 1
+VOCAB=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL/config.json")
+
+common=(--load-format dummy --host 127.0.0.1 --context-length "$CONTEXT" --random-seed 0)
+if [ "$DEVICE" = cpu ]; then
+  common+=(--device cpu --mem-fraction-static 0.3 --max-total-tokens 200000)
+else
+  common+=(--mem-fraction-static "${MEM_FRACTION:-0.8}")
+fi
+tangram=(--kv-compression tangram --tangram-profile "$WORK/profile.yaml")
+# shellcheck disable=SC2206
+tangram+=(${EXTRA_TANGRAM_ARGS:-})
+
+port=31000
+PID=
+URL=
+alive() { [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+serve() {  # serve NAME MODEL ARGS...: start, wait for /health_generate; sets PID and URL
+  local name=$1 model=$2; shift 2
+  port=$((port + 1))
+  URL=http://127.0.0.1:$port
+  local left=$((START + BUDGET_S - 30 - $(date +%s)))
+  [ "$left" -gt 60 ] || { say "$name: not started, ${left}s of the budget left"; return 1; }
+  echo "$PY -m sglang.launch_server --model-path $model --port $port ${common[*]} $*" \
+    > "$OUT/server-$name.log"
+  local t0
+  t0=$(date +%s)
+  setsid "$PY" -m sglang.launch_server --model-path "$model" --port "$port" "${common[@]}" "$@" \
+    >> "$OUT/server-$name.log" 2>&1 &
+  PID=$!
+  local limit=$((left < 300 ? left : 300))
+  while [ $(($(date +%s) - t0)) -lt "$limit" ]; do
+    if ! alive "$PID"; then
+      say "$name: server exited during start-up"; tail -25 "$OUT/server-$name.log"; return 1
+    fi
+    if curl -sf -m 20 "$URL/health_generate" > /dev/null 2>&1; then
+      say "$name: ready after $(($(date +%s) - t0)) s"
+      grep -E "tangram" "$OUT/server-$name.log" | grep -v -E "^\s*$" | cut -c1-300 | head -8
+      return 0
+    fi
+    sleep 2
+  done
+  say "$name: not healthy after ${limit}s"; tail -25 "$OUT/server-$name.log"; return 1
+}
+halt() {  # stop the server started last (its whole process group)
+  [ -n "$PID" ] || return 0
+  kill -TERM -- "-$PID" 2>/dev/null
+  for _ in $(seq 1 30); do alive "$PID" || break; sleep 1; done
+  pgrep -g "$PID" > /dev/null && { say "$1: still running, SIGKILL"; kill -KILL -- "-$PID" 2>/dev/null; }
+  wait "$PID" 2>/dev/null
+  PID=
+  grep -E "Traceback|Error" "$OUT/server-$1.log" | grep -v -E "Warning|openai_harmony" | head -5
+}
+check() { "$PY" "$REPO/bench/device/e2e_check.py" "$@"; }
+
+declare -A RC
+for phase in ${PHASES:-greedy sessions frontend}; do
+  say "== phase $phase"
+  case $phase in
+    greedy)  # fp32: kernels' reduction orders differ, but nothing rounds to bf16 or tf32
+      export TRITON_F32_DEFAULT=ieee
+      g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
+      rc=1
+      if serve stock-fp32 "$MODEL" --skip-tokenizer-init --dtype float32 \
+          --attention-backend "${STOCK_BACKEND:-triton}"; then
+        check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock.json"
+        halt stock-fp32
+        if serve tangram-fp32-r1.0 "$MODEL" --skip-tokenizer-init --dtype float32 "${tangram[@]}" \
+            --tangram-ratio 1.0 --max-running-requests 64; then
+          check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram.json"
+          halt tangram-fp32-r1.0
+          check compare "$OUT/greedy-stock.json" "$OUT/greedy-tangram.json" \
+            --out "$OUT/greedy-compare.json"
+          rc=$?
+        fi
+      fi
+      halt stock-fp32; unset TRITON_F32_DEFAULT ;;
+    sessions)
+      rc=1
+      if serve tangram-r0.25 "$MODEL" --skip-tokenizer-init "${tangram[@]}" --tangram-ratio 0.25 \
+          --max-running-requests "$((${SESSIONS:-200} + 56))"; then
+        check sessions --url "$URL" --out "$OUT/sessions.json" --vocab "$VOCAB" \
+          --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
+          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}"
+        rc=$?
+        grep -E "tangram" "$OUT/server-tangram-r0.25.log" | grep -i -E "sessions|bytes|group" | cut -c1-300 | head -6
+        halt tangram-r0.25
+      fi ;;
+    frontend)
+      rc=1
+      if serve tangram-text "$TEXT_MODEL" --kv-compression tangram \
+          --tangram-profile "$WORK/profile-text.yaml" --tangram-ratio 0.25 --max-running-requests 64; then
+        check frontend --url "$URL" --out "$OUT/frontend.json" --answer-tokens 24
+        rc=$?
+        halt tangram-text
+      fi ;;
+    *) say "unknown phase $phase"; rc=2 ;;
+  esac
+  RC[$phase]=$rc
+  say "== phase $phase: $([ "$rc" = 0 ] && echo PASS || echo "FAIL ($rc)")"
+done
+
+for f in "$OUT"/server-*.log; do  # a returned file may have 16 MiB at most
+  [ "$(stat -c %s "$f")" -gt $((15 * 1048576)) ] && { tail -c 15M "$f" > "$f.t"; mv "$f.t" "$f"; }
+done
+status=0
+for phase in "${!RC[@]}"; do
+  echo "phase $phase: rc ${RC[$phase]}"
+  [ "${RC[$phase]}" = 0 ] || status=1
+done
+say "done rc=$status"
+exit $status
