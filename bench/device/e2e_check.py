@@ -81,12 +81,16 @@ def greedy(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
-    outputs = [("prompt", i, x, y) for i, (x, y) in enumerate(zip(a["prompts"], b["prompts"]))]
-    outputs += [("turn", i, x, y) for i, (x, y) in enumerate(zip(a["session"], b["session"]))]
+    outputs = [
+        ("prompt", i, x, y) for i, (x, y) in enumerate(zip(a["prompts"], b["prompts"], strict=True))
+    ]
+    outputs += [
+        ("turn", i, x, y) for i, (x, y) in enumerate(zip(a["session"], b["session"], strict=True))
+    ]
     bad = []
     for kind, i, x, y in outputs:
         if x != y:
-            first = next((j for j, (u, w) in enumerate(zip(x, y)) if u != w), min(len(x), len(y)))
+            first = next((j for j, (u, w) in enumerate(zip(x, y, strict=False)) if u != w), len(x))
             bad.append(f"{kind} {i}: first difference at output token {first} of {len(x)}")
     total = sum(len(x) for *_, x, _ in outputs)
     print(
