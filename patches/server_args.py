@@ -8,6 +8,11 @@ ours and an AROUND hook on `from_cli_args` checks them. The flags are stored wit
 the instance read-only. Scheduler and detokenizer processes receive the instance pickled
 (multiprocessing spawn), extra attributes included, so they need no environment variable.
 Without `--kv-compression` (or with `none`) SGLang's own objects pass through unchanged.
+
+Forced with `--kv-compression` (each logged): overlap scheduling off (the allocation hooks
+hand the forward they precede its slots); prefill CUDA graphs off (see `FORCED`); decode
+CUDA graphs off only where the backend cannot be captured (`cuda_graph_blocker`: not
+CUDA, the torch path, or `TANGRAM_CUDA_GRAPH=0`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
+from sglang.srt.utils.common import get_device
 
+from tangram_sglang.backend import cuda_graph_blocker
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import (
     MODES,
@@ -35,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "tangram"  # attention backend and radix cache backend name
 SOURCE = "tangram-sglang"  # provenance recorded by ServerArgs.override
+FORCED = {
+    "disable_overlap_schedule": "the allocation hooks hand the next forward its slots",
+    # SGLang 0.5.17 captures prefill ("breakable" by default on CUDA) with dummy extend
+    # batches that no allocation hook precedes, and our extend selects the kept tokens on
+    # the host per layer: it stays eager (prefill is compute-bound; graphs buy little).
+    "disable_prefill_cuda_graph": "the tangram extend selects tokens on the host, eagerly",
+}
 
 
 def _mode(value: str) -> str:
@@ -109,6 +123,24 @@ def unsupported(args: Any) -> list[str]:
     return found
 
 
+def graph_conflicts(server_args: Any, decode_blocker: str | None) -> list[str]:
+    """CUDA graphs still on after SGLang resolved its graph flags (an explicit
+    `--cuda-graph-backend-*` or `--cuda-graph-config` wins over the switches we set)."""
+    config = server_args.cuda_graph_config
+    found = []
+    if config.prefill.backend != "disabled":
+        found.append(
+            f"prefill CUDA graphs (backend {config.prefill.backend!r} from "
+            "--cuda-graph-backend-prefill or --cuda-graph-config; the tangram extend runs eagerly)"
+        )
+    if decode_blocker and config.decode.backend != "disabled":
+        found.append(
+            f"decode CUDA graphs (backend {config.decode.backend!r} from "
+            f"--cuda-graph-backend-decode or --cuda-graph-config) with {decode_blocker}"
+        )
+    return found
+
+
 def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
     config = TangramConfig.from_server_args(args)
     if not config.enabled:
@@ -121,13 +153,22 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         config = replace(config, profile=str(Path(config.profile).resolve()))
     args = argparse.Namespace(**vars(args))
     args.attention_backend = args.radix_cache_backend = BACKEND
-    # The allocation hooks hand the forward they precede its slots: no overlap, no graphs.
-    for flag in ("disable_overlap_schedule", "disable_cuda_graph"):
+    blocker = cuda_graph_blocker(args.device or get_device())
+    forced = dict(FORCED)
+    if blocker:
+        forced["disable_cuda_graph"] = f"no decode graphs with {blocker}"
+    else:
+        logger.info(
+            "tangram: --kv-compression %s decodes in CUDA graphs (TANGRAM_CUDA_GRAPH=0 turns "
+            "them off)",
+            config.mode,
+        )
+    for flag, why in forced.items():
         if not getattr(args, flag, False):
-            logger.info("tangram: --kv-compression %s sets %s", config.mode, flag)
+            logger.info("tangram: --kv-compression %s sets %s (%s)", config.mode, flag, why)
         setattr(args, flag, True)
     server_args = original(cls, args)
-    _refuse(config, unsupported(server_args))
+    _refuse(config, unsupported(server_args) + graph_conflicts(server_args, blocker))
     server_args.override(SOURCE, **config.server_args_fields())
     logger.info(
         "tangram: --kv-compression %s, %d head group(s) at ratios %s, method %s",

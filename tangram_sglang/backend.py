@@ -23,6 +23,16 @@ the whole batch, one scatter launch for the kept tokens. Both read the lengths t
 allocator keeps: decode the pool's `group_lens` (the allocator writes them together with
 its host mirror `row_lens` wherever a row's length changes), extend the prefix lengths
 of the forward state (`group_lens` already counts the new segment's slots).
+
+CUDA graphs (Triton path, decode only; `TANGRAM_CUDA_GRAPH=0` keeps them off). SGLang's
+decode graph runner calls `init_cuda_graph_state` once, then per batch size
+`init_forward_metadata_out_graph(in_capture=True)` and captures the forward; before each
+replay it calls `init_forward_metadata_out_graph` with the batch padded to the captured
+size. A decode forward reads its per-step inputs (rows, scatter index arguments, counts)
+from `DecodeGraphInputs`, static device buffers whose contents are refilled from the
+allocation hooks' forward state before the replay; padded entries read request row 0
+(length 0 in every group, a zero output) and write their K/V to slot 0 of every group
+(a padding slot), so they touch no real row or slot. Extend stays eager.
 """
 
 from __future__ import annotations
@@ -45,7 +55,10 @@ from tangram_sglang.pool import RaggedPool
 BACKEND = "tangram"
 KERNELS_ENV = "TANGRAM_BACKEND_KERNELS"
 KERNEL_CHOICES = ("triton", "torch")
+CUDA_GRAPH_ENV = "TANGRAM_CUDA_GRAPH"  # "0": decode runs eagerly even on CUDA
 CPU_SMS = 4  # AOT plan width when the Triton path runs without CUDA (interpreter tests)
+PADDING_ROW = 0  # SGLang's req_to_token row 0 (and our row 0): never a request's
+DUMMY_SLOT = 0  # slot 0 of every group: a padding slot, never handed to a request
 
 
 def choose_kernels(kernels: str | None, device: torch.device) -> str:
@@ -60,6 +73,22 @@ def choose_kernels(kernels: str | None, device: torch.device) -> str:
             f"not one of {', '.join(KERNEL_CHOICES)}"
         )
     return choice
+
+
+def cuda_graph_blocker(device: str) -> str | None:
+    """Why decode cannot run in CUDA graphs on `device` (None: it can). Graphs need the
+    Triton path on CUDA: the torch path reads host lengths per request and layer."""
+    switch = os.environ.get(CUDA_GRAPH_ENV, "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{CUDA_GRAPH_ENV}={switch!r} must be 0 (graphs off) or 1 (default)")
+    if switch == "0":
+        return f"{CUDA_GRAPH_ENV}=0"
+    if device.split(":")[0] != "cuda":
+        return f"device {device} (graphs need the Triton path on CUDA)"
+    kernels = choose_kernels(None, torch.device("cuda"))
+    if kernels != "triton":
+        return f"{KERNELS_ENV}={kernels} (the torch path cannot be captured)"
+    return None
 
 
 def _new_output(like: torch.Tensor) -> torch.Tensor:
@@ -101,6 +130,48 @@ class _ExtendBatch:
     starts: tuple[int, ...]  # first token of each segment
 
 
+class DecodeGraphInputs:
+    """Static device buffers for a decode step's inputs, sized for the largest captured
+    batch: a captured graph reads them at fixed addresses, and `fill` rewrites their
+    contents (outside the graph) before each replay. Entries past the step's real rows
+    are padding: request row 0 and the dummy slot 0 of every group."""
+
+    def __init__(self, max_batch: int, num_groups: int, num_kv_heads: int, device) -> None:
+        self.max_batch = max_batch
+        self.rows = torch.full((max_batch,), PADDING_ROW, dtype=torch.int32, device=device)
+        # Token i of the step is row i of k/v for every kv head: constant.
+        self.token_index = (
+            torch.arange(max_batch, device=device).expand(num_kv_heads, max_batch).contiguous()
+        )
+        self.slots = torch.full(
+            (num_groups, max_batch), DUMMY_SLOT, dtype=torch.int64, device=device
+        )
+        self.counts = torch.zeros((num_groups,), dtype=torch.int32, device=device)
+
+    def fill(self, batch: int, state: ForwardState | None) -> _DecodeBatch:
+        """Write the step's rows and slots (none: all padding) into the first `batch`
+        entries; return the views a forward of `batch` tokens reads."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(
+                f"tangram: graph batch {batch} is outside 1..{self.max_batch} (the "
+                "max_bs given to init_cuda_graph_state)"
+            )
+        real = 0 if state is None else len(state.rows)
+        if real > batch:
+            raise ValueError(f"tangram: {real} decode rows do not fit a graph of batch {batch}")
+        rows = torch.full((batch,), PADDING_ROW, dtype=torch.int32)
+        if real:
+            rows[:real] = torch.tensor(state.rows, dtype=torch.int32)
+        self.rows[:batch].copy_(rows)
+        if real:
+            self.slots[:, :real].copy_(state.decode_slots)
+        self.slots[:, real:batch].fill_(DUMMY_SLOT)
+        self.counts.fill_(batch)
+        return _DecodeBatch(
+            self.rows[:batch], (self.token_index[:, :batch], self.slots[:, :batch], self.counts)
+        )
+
+
 class TritonPath:
     """Ragged attention with the Triton kernels.
 
@@ -123,6 +194,29 @@ class TritonPath:
             self.schedule, max_batch, pool.layout.head_dim, pool.device
         )
         self.batch: _DecodeBatch | _ExtendBatch | None = None
+        self.graph_inputs: DecodeGraphInputs | None = None
+
+    def init_graphs(self, max_batch: int) -> None:
+        """Static decode inputs for graphs of up to `max_batch` tokens; the workspace grows
+        to that batch here, once, before anything is captured."""
+        decode, _, _ = self.kernels
+        if max_batch > self.workspace.max_batch:
+            self.workspace = decode.DecodeWorkspace(
+                self.schedule, max_batch, self.pool.layout.head_dim, self.pool.device
+            )
+        self.graph_inputs = DecodeGraphInputs(
+            max_batch, self.pool.num_groups, self.plan.num_kv_heads, self.pool.device
+        )
+
+    def stage_graph(self, batch: int, state: ForwardState | None) -> None:
+        """A graph-sized decode step: its inputs in the static buffers (no new tensors
+        reach the kernels, so a captured graph replays it)."""
+        if self.graph_inputs is None:
+            raise RuntimeError(
+                "tangram: CUDA-graph metadata before init_cuda_graph_state (SGLang calls "
+                "it before capture)"
+            )
+        self.batch = self.graph_inputs.fill(batch, state)
 
     def stage(self, state: ForwardState) -> None:
         device = self.pool.device
@@ -226,24 +320,61 @@ class TangramAttnBackend(AttentionBackend):
     # ---- metadata --------------------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch) -> None:
+        """Eager forwards (every extend; a decode no captured graph serves)."""
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self.state = None
             return
         if mode.is_mixed() or not (mode.is_decode() or mode.is_extend()):
             raise NotImplementedError(f"attention backend 'tangram' does not run {mode} batches")
-        state, self.kv_pool.forward_state = self.kv_pool.forward_state, None
         expected = "decode" if mode.is_decode() else "extend"
         rows = tuple(int(r) for r in forward_batch.req_pool_indices.tolist())
+        self.state = self._take_state(expected, rows)
+        if self.triton is not None:
+            self.triton.stage(self.state)
+
+    def _take_state(self, expected: str, rows: tuple[int, ...]) -> ForwardState:
+        """The allocation hooks' state for this forward (consumed), checked against it."""
+        state, self.kv_pool.forward_state = self.kv_pool.forward_state, None
         if state is None or state.mode != expected or state.rows != rows:
             raise RuntimeError(
                 f"tangram: the {expected} forward of rows {rows} has no matching allocation "
                 f"state (found {None if state is None else (state.mode, state.rows)}); the "
                 "allocation hooks must run right before each forward (overlap scheduling off)"
             )
-        self.state = state
-        if self.triton is not None:
-            self.triton.stage(state)
+        return state
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        if self.triton is None:
+            raise NotImplementedError(
+                "attention backend 'tangram': the torch path cannot run in CUDA graphs (use "
+                f"the Triton path, or {CUDA_GRAPH_ENV}=0)"
+            )
+        self.triton.init_graphs(max_bs)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """The decode graph runner, before capturing (`in_capture`: a dummy batch, every
+        entry padding) or replaying a graph of `forward_batch.batch_size` tokens (the
+        step's real rows first, then `num_padding` padded entries). Runs outside the
+        graph: the row check below may read the device."""
+        mode = forward_batch.forward_mode
+        if not mode.is_decode():
+            raise NotImplementedError(
+                f"attention backend 'tangram' captures decode batches only, not {mode}"
+            )
+        if self.triton is None:
+            raise NotImplementedError(
+                "attention backend 'tangram': the torch path cannot run in CUDA graphs"
+            )
+        batch = int(forward_batch.batch_size)
+        actual = getattr(forward_batch, "actual_forward_mode", mode)
+        if in_capture or actual.is_idle():
+            self.state = None
+        else:
+            real = batch - int(getattr(forward_batch, "num_padding", 0))
+            rows = tuple(int(r) for r in forward_batch.req_pool_indices[:real].tolist())
+            self.state = self._take_state("decode", rows)
+        self.triton.stage_graph(batch, self.state)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1

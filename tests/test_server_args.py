@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import multiprocessing
 import random
 
@@ -253,3 +254,81 @@ def test_multimodal_text_config_is_checked():
     nested = {"architectures": ["KimiVL"], "text_config": {"kv_lora_rank": 512}}
     assert model_conflicts(nested), "MLA inside text_config was not detected"
     assert model_conflicts({"architectures": ["Qwen3ForCausalLM"]}) == []
+
+
+def _compressed(model_dir, profile_file, device: str, extra=()) -> list[str]:
+    argv = ["--model-path", str(model_dir), "--device", device, "--random-seed", "0"]
+    return argv + ["--kv-compression", "tangram", "--tangram-profile", str(profile_file), *extra]
+
+
+def test_cuda_decode_runs_in_graphs_while_prefill_and_overlap_stay_off(
+    model_dir, profile_file, monkeypatch, caplog
+):
+    monkeypatch.delenv("TANGRAM_CUDA_GRAPH", raising=False)
+    monkeypatch.delenv("TANGRAM_BACKEND_KERNELS", raising=False)
+    with caplog.at_level(logging.INFO):
+        server_args = parse(_compressed(model_dir, profile_file, "cuda"))
+    graphs = server_args.cuda_graph_config
+    assert not server_args.disable_cuda_graph, "decode graphs forced off on CUDA"
+    assert graphs.decode.backend == "full", f"decode graph backend {graphs.decode.backend}"
+    assert graphs.prefill.backend == "disabled", f"prefill graphs {graphs.prefill.backend}"
+    assert server_args.disable_overlap_schedule, "overlap scheduling not forced off"
+    assert "decodes in CUDA graphs" in caplog.text, caplog.text
+    assert "sets disable_prefill_cuda_graph" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    ("device", "env", "reason"),
+    [
+        ("cpu", {}, "device cpu"),
+        ("cuda", {"TANGRAM_CUDA_GRAPH": "0"}, "TANGRAM_CUDA_GRAPH=0"),
+        ("cuda", {"TANGRAM_BACKEND_KERNELS": "torch"}, "TANGRAM_BACKEND_KERNELS=torch"),
+    ],
+    ids=["cpu", "escape-hatch", "torch-path"],
+)
+def test_graphs_are_forced_off_where_decode_cannot_be_captured(
+    model_dir, profile_file, monkeypatch, caplog, device, env, reason
+):
+    for name in ("TANGRAM_CUDA_GRAPH", "TANGRAM_BACKEND_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.INFO):
+        server_args = parse(_compressed(model_dir, profile_file, device))
+    graphs = server_args.cuda_graph_config
+    assert server_args.disable_cuda_graph, f"{reason}: decode graphs left on"
+    assert (graphs.decode.backend, graphs.prefill.backend) == ("disabled", "disabled"), (
+        f"{reason}: graph backends {graphs.decode.backend}, {graphs.prefill.backend}"
+    )
+    assert f"sets disable_cuda_graph (no decode graphs with {reason}" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "named"),
+    [
+        (["--cuda-graph-backend-prefill", "breakable"], {}, "prefill CUDA graphs"),
+        (["--cuda-graph-config", '{"prefill": {"backend": "full"}}'], {}, "prefill CUDA graphs"),
+        (
+            ["--cuda-graph-backend-decode", "full"],
+            {"TANGRAM_CUDA_GRAPH": "0"},
+            "decode CUDA graphs (backend 'full'",
+        ),
+    ],
+    ids=["prefill-flag", "prefill-json", "decode-with-escape-hatch"],
+)
+def test_explicit_graph_flags_we_cannot_serve_are_refused(
+    model_dir, profile_file, monkeypatch, extra, env, named
+):
+    for name in ("TANGRAM_CUDA_GRAPH", "TANGRAM_BACKEND_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        parse(_compressed(model_dir, profile_file, "cuda", extra))
+    assert named in str(refused.value), f"{extra}: message was {refused.value}"
+
+
+def test_a_bad_graph_switch_is_refused_naming_it(model_dir, profile_file, monkeypatch):
+    monkeypatch.setenv("TANGRAM_CUDA_GRAPH", random.choice(["yes", "off", "2"]))
+    with pytest.raises(ValueError, match="TANGRAM_CUDA_GRAPH="):
+        parse(_compressed(model_dir, profile_file, "cuda"))
