@@ -13,7 +13,12 @@ that needs it. Methods:
   layer) shape, `plan()` for every shape every step (timed including the plans).
 - `ragged_aot_flashinfer`: the ragged pool through FlashInfer with our AOT splits, planned
   once per batch size; per-step metadata on the device, inside the graph.
-- `ragged_aot` (ours): `tangram_sglang.kernels.decode` driven by the AOT table.
+- `ragged_aot` (ours): `tangram_sglang.kernels.decode` driven by the AOT table, in the
+  launch variant (`VARIANTS`: `DecodeLaunch` + plan knobs) that `--variant` names; with
+  `--variant sweep` every variant is timed on `SWEEP_POINTS` first (outputs checked
+  against the first variant's) and each batch size runs with its fastest.
+`--dry-run` needs no GPU: it checks the arguments, builds every variant's plan and device
+tables on the CPU and prints a CTA model per point (CTAs, busy CTAs, longest vs mean CTA).
 
 Ragged profiles are synthetic (no calibrated Qwen3-4B profile exists on the GPU box): per
 (layer, head) kept ratios log-normal (sigma 0.8), 2% of heads (6 of 288) pinned at 1.0,
@@ -29,6 +34,7 @@ through enough distinct KV buffers that the working set is >= 4x the L2 cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import importlib.util
@@ -39,15 +45,21 @@ import sys
 import time
 import traceback
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tangram_sglang.kernels.decode import DecodeSchedule, DecodeWorkspace, decode_attention
+from tangram_sglang.kernels.decode import (
+    DecodeLaunch,
+    DecodeSchedule,
+    DecodeWorkspace,
+    decode_attention,
+)
 
 from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.plan import AotPlan
+from tangram_sglang.plan import DEFAULT_MAX_SPLITS, AotPlan
 from tangram_sglang.profile import Calibration, ModelIdentity, Profile, uniform_profile
 from tangram_sglang.ragged_kv import RaggedKV
 from tangram_sglang.synthetic import profile_from_table
@@ -66,17 +78,90 @@ RULE = BudgetRule(sink=4, window=32)
 DTYPE = torch.bfloat16
 FULL_METHODS = ("flashinfer_full", "sglang_triton_full")
 RAGGED_METHODS = ("ragged_aot", "ragged_replan", "ragged_aot_flashinfer")
-# Our kernel's launch variants tried once at the start; the fastest runs the sweep.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One launch variant of our kernel: how to launch (`DecodeLaunch`) and the plan knobs
+    (CTAs per SM, split cap, smallest chunk)."""
+
+    launch: DecodeLaunch
+    waves: float = 4.0
+    max_splits: int = DEFAULT_MAX_SPLITS
+    min_chunk: int = 128
+
+    def describe(self) -> dict:
+        return {
+            **dataclasses.asdict(self.launch),
+            "waves": self.waves,
+            "max_splits": self.max_splits,
+            "min_chunk": self.min_chunk,
+        }
+
+
+def _variant(
+    merge: str,
+    n: int,
+    w: int,
+    s: int,
+    waves: float,
+    pdl: bool = True,
+    bf: bool = True,
+    min_chunk: int = 128,
+    cap: int = DEFAULT_MAX_SPLITS,
+) -> tuple[str, Variant]:
+    name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
+    name += f"-mc{min_chunk}" if min_chunk != 128 else ""
+    name += f"-cap{cap}" if cap != DEFAULT_MAX_SPLITS else ""
+    name += "-bf" if bf else ""
+    name += "-pdl" if pdl else ""
+    launch = DecodeLaunch(
+        block_n=n, num_warps=w, num_stages=s, merge=merge, pdl=pdl, batch_fastest=bf
+    )
+    return name, Variant(launch, waves, cap, min_chunk)
+
+
+# Our kernel's launch variants. `--variant sweep` measures them on SWEEP_POINTS first and
+# runs the matrix with each batch size's fastest. LEGACY is the 2026-11-23 default (splits
+# capped at 64), kept for comparison; names spell the knobs (kernel|fused merge, BLOCK_N,
+# warps, stages, waves, min_chunk, split cap, -bf: batch-fastest grid, -pdl: programmatic
+# dependent launch).
+LEGACY = "n64-w4-s2-merge-kernel-waves4"
 VARIANTS = {
-    "n64-w4-s2-fused-waves4": dict(block_n=64, num_warps=4, num_stages=2, fused=True, waves=4),
-    "n64-w4-s3-fused-waves4": dict(block_n=64, num_warps=4, num_stages=3, fused=True, waves=4),
-    "n32-w4-s3-fused-waves4": dict(block_n=32, num_warps=4, num_stages=3, fused=True, waves=4),
-    "n128-w8-s2-fused-waves4": dict(block_n=128, num_warps=8, num_stages=2, fused=True, waves=4),
-    "n64-w4-s2-fused-waves8": dict(block_n=64, num_warps=4, num_stages=2, fused=True, waves=8),
-    "n64-w4-s2-merge-kernel-waves4": dict(
-        block_n=64, num_warps=4, num_stages=2, fused=False, waves=4
+    LEGACY: Variant(DecodeLaunch(), 4.0, 64, 128),
+    **dict(
+        [
+            _variant("kernel", 64, 4, 2, 4, pdl=False, bf=False),
+            _variant("kernel", 64, 4, 2, 4, pdl=False),
+            _variant("kernel", 64, 4, 2, 4),
+            _variant("kernel", 64, 4, 2, 3),
+            _variant("kernel", 64, 4, 2, 2),
+            _variant("kernel", 64, 4, 2, 8),
+            _variant("kernel", 64, 4, 3, 4),
+            _variant("kernel", 64, 4, 3, 8),
+            _variant("kernel", 64, 4, 4, 4),
+            _variant("kernel", 32, 4, 3, 4),
+            _variant("kernel", 128, 8, 2, 4),
+            _variant("kernel", 64, 4, 2, 4, min_chunk=64),
+            _variant("kernel", 64, 4, 2, 4, min_chunk=256),
+            _variant("fused", 64, 4, 2, 4, pdl=False, bf=False),
+            _variant("fused", 64, 4, 2, 4),
+            _variant("fused", 64, 4, 3, 3),
+        ]
     ),
 }
+# (batch, context, kept) where the sweep times every variant, most telling first: the
+# worst floor ratio (b4/8K/25%), batch 64 at 128K (long-context streaming), the 3x anchor,
+# the other small points that missed 1.5x, batch 64 at 32K.
+SWEEP_DIFF_TOL = 2e-2  # outputs are bf16 means of N(0, 1) values: rounding is ~1e-3
+SWEEP_POINTS = (
+    (4, 8192, 0.25),
+    (64, 131072, 0.25),
+    (4, 32768, 0.25),
+    (16, 8192, 0.1),
+    (4, 32768, 0.1),
+    (64, 32768, 0.25),
+)
 
 
 class NotApplicable(Exception):
@@ -311,7 +396,7 @@ class Methods:
     """Builds each method's step (36 layers) over one Storage."""
 
     def __init__(
-        self, store: Storage, plan: AotPlan, variant: dict, sm_count: int, sglang_decode=None
+        self, store: Storage, plan: AotPlan, variant: Variant, sm_count: int, sglang_decode=None
     ) -> None:
         self.store, self.plan, self.variant = store, plan, variant
         self.sm_count, self.sglang_decode = sm_count, sglang_decode
@@ -325,7 +410,7 @@ class Methods:
         return self.outs[name]
 
     def ragged_aot(self):
-        store, v = self.store, self.variant
+        store, launch = self.store, self.variant.launch
         schedule = DecodeSchedule(self.plan, "cuda")
         ws = DecodeWorkspace(schedule, store.batch, 128, "cuda")
         out = self._out("ragged_aot")
@@ -341,10 +426,7 @@ class Methods:
                     work,
                     ws,
                     out=out,
-                    block_n=v["block_n"],
-                    num_warps=v["num_warps"],
-                    num_stages=v["num_stages"],
-                    fused_merge=v["fused"],
+                    launch=launch,
                 )
 
         return (
@@ -518,6 +600,158 @@ def point_order(batches, contexts):
     return sorted(points, key=lambda bc: (bc != (4, 32768), bc[0] != 64, bc[0] * bc[1]))
 
 
+def variant_plan(layout: PoolLayout, num_q_heads: int, sm_count: int, variant: Variant) -> AotPlan:
+    return AotPlan.build(
+        layout,
+        num_q_heads,
+        sm_count,
+        waves=variant.waves,
+        max_splits=variant.max_splits,
+        min_chunk=variant.min_chunk,
+    )
+
+
+def sweep_candidates(spec: str) -> list[str] | None:
+    """Variant names that `--variant` asks for (None if one is unknown)."""
+    if spec == "sweep":
+        return list(VARIANTS)
+    names = spec.removeprefix("sweep:").split(",") if spec.startswith("sweep:") else [spec]
+    if not names or any(n not in VARIANTS for n in names):
+        return None
+    return names
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(x) for x in xs))
+
+
+def pick_variants(sweep: list[dict], candidates: list[str]) -> dict:
+    """Fastest variant per batch size (geomean over that batch's sweep points that every
+    variant finished) and overall; a variant with an error at a point, or whose output
+    differs from the first variant's (bf16 rounding aside), is out."""
+    points = sorted({(r["batch"], r["context"], r["kept"]) for r in sweep})
+    ms = {
+        (r["variant"], r["batch"], r["context"], r["kept"]): r.get("ms")
+        for r in sweep
+        if r.get("max_abs_diff_vs_first", 0.0) <= SWEEP_DIFF_TOL
+    }
+
+    def best(subset: list[tuple]) -> str | None:
+        scores = {
+            n: geomean([ms[(n, *p)] for p in subset])
+            for n in candidates
+            if subset and all(ms.get((n, *p)) for p in subset)
+        }
+        return min(scores, key=scores.get) if scores else None
+
+    overall = best(points) or candidates[0]
+    by_batch = {}
+    for batch in sorted({p[0] for p in points}):
+        name = best([p for p in points if p[0] == batch])
+        if name:
+            by_batch[str(batch)] = name
+    return {"overall": overall, "by_batch": by_batch}
+
+
+def sweep_variants(
+    candidates, kept_list, layouts, args, l2, mem_budget, plan_for, sm_count, start, result
+) -> dict:
+    """Time every candidate at each SWEEP_POINTS point (point by point, so a cut-short
+    sweep still compares all variants on the points it reached)."""
+    batches = {int(x) for x in args.batches.split(",")}
+    for batch, context, kept in SWEEP_POINTS:
+        if batch not in batches or kept not in layouts:
+            continue
+        if time.time() - start > args.sweep_budget_s:
+            result.setdefault("sweep_not_run", []).append([batch, context, kept])
+            continue
+        layout = layouts[kept][0]
+        try:
+            store = Storage(layout, batch, context, args.page_size, l2, mem_budget)
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            result.setdefault("sweep_not_run", []).append([batch, context, kept, str(exc)[:100]])
+            torch.cuda.empty_cache()
+            continue
+        floor_ms = store.kv_bytes / result["copy_bandwidth_GBps"] / 1e6
+        first = None  # the first variant's output: every other one must agree with it
+        for name in candidates:
+            v = VARIANTS[name]
+            m = Methods(store, plan_for(layout, v), v, sm_count)
+            r = run_method(m, "ragged_aot", args.time_per_method_s)
+            r.update(variant=name, batch=batch, context=context, kept=kept)
+            if "ms" in r:
+                r["ratio_to_floor"] = round(r["ms"] / floor_ms, 3)
+                out = m.outs["ragged_aot"].float()
+                if first is None:
+                    first = out.clone()
+                r["max_abs_diff_vs_first"] = float((out - first).abs().max())
+            result["variant_sweep"].append(r)
+            print(
+                f"  sweep b{batch} {context // 1024}K {int(kept * 100)}% {name:40s} "
+                f"{r.get('ms', r.get('error'))}",
+                flush=True,
+            )
+            del m
+        del store
+        torch.cuda.empty_cache()
+    return pick_variants(result["variant_sweep"], candidates)
+
+
+def cta_model(plan: AotPlan, layout: PoolLayout, batch: int, context: int, block_n: int) -> dict:
+    """What the kernel's chunk rule makes of a plan at one point, per layer (host-side
+    model, no GPU): CTAs launched, CTAs with tokens, and tiles of the longest CTA vs the
+    mean over CTAs with tokens (the imbalance the tail pays for)."""
+    lens = [kept_tokens(context, r, RULE) for r in layout.ratios]
+    b = plan.bucket(batch)
+    launched, busy, longest, tiles = 0, 0, 0, 0
+    for layer in range(plan.num_layers):
+        for g in plan.group_of[layer]:
+            splits, n = plan.splits[b][g], lens[g]
+            chunk = -(-max(-(-n // splits), plan.min_chunk) // block_n) * block_n
+            full, rest = divmod(n, chunk)
+            launched += splits * batch
+            busy += (full + (rest > 0)) * batch
+            longest = max(longest, chunk // block_n if full else -(-rest // block_n))
+            tiles += -(-n // block_n) * batch  # upper bound per head (+ partial tiles)
+    return {
+        "ctas_per_layer": launched / plan.num_layers,
+        "busy_ctas_per_layer": busy / plan.num_layers,
+        "longest_cta_tiles": longest,
+        "mean_busy_cta_tiles": round(tiles / max(busy, 1), 2),
+        "partial_MB": round(
+            batch * plan.bucket_max_splits(b) * plan.num_q_heads * (128 + 1) * 4 / 2**20, 2
+        ),
+    }
+
+
+def dry_run(args, candidates: list[str]) -> int:
+    """CPU check of the benchmark's host side: arguments, synthetic profiles, every
+    candidate variant's plan and device tables, and the CTA model at each point."""
+    model = qwen3_4b()
+    sm_count = 132
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    kept_list = sorted((float(x) for x in args.kept.split(",")), reverse=True)
+    layouts = {k: synthetic_layout(model, k) for k in kept_list}
+    print(f"dry run: {len(candidates)} variants, points {point_order(batches, contexts)}")
+    for k, (_, info) in layouts.items():
+        print(f"  kept {k}: {info}")
+    for name in candidates:
+        v = VARIANTS[name]
+        print(f"variant {name}: {v.describe()}")
+        for kept in kept_list:
+            layout = layouts[kept][0]
+            plan = variant_plan(layout, model.num_q_heads, sm_count, v)
+            schedule = DecodeSchedule(plan, "cpu")
+            DecodeWorkspace(schedule, max(batches), layout.head_dim, "cpu")
+            for batch in batches:
+                splits = plan.splits[plan.bucket(batch)]
+                for context in contexts:
+                    m = cta_model(plan, layout, batch, context, v.launch.block_n)
+                    print(f"  kept {kept} b{batch} {context // 1024}K splits {splits}: {m}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="4,16,64")
@@ -526,13 +760,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting points after")
     ap.add_argument("--time-per-method-s", type=float, default=0.3)
-    ap.add_argument("--variant", default="sweep", help="a VARIANTS key, or 'sweep'")
+    ap.add_argument(
+        "--variant",
+        default="sweep",
+        help="a VARIANTS key; 'sweep' (all of them) or 'sweep:NAME,NAME,...' times them on "
+        "SWEEP_POINTS first and runs each batch size with its fastest",
+    )
+    ap.add_argument(
+        "--sweep-budget-s", type=float, default=200, help="start no sweep point after this"
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU: check the arguments, build every variant's plan and device tables on "
+        "the CPU and print its CTA model per point",
+    )
     ap.add_argument("--methods", default=",".join(RAGGED_METHODS + FULL_METHODS))
     ap.add_argument("--no-grouping-compare", action="store_true")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--command", default=" ".join(sys.argv))
     ap.add_argument("--render", metavar="JSON", help="only write JSON's markdown table (no GPU)")
     args = ap.parse_args(argv)
+    candidates = sweep_candidates(args.variant)
+    if candidates is None:
+        ap.error(f"--variant {args.variant!r}: unknown; one of {', '.join(VARIANTS)} or sweep")
+    if args.dry_run:
+        return dry_run(args, candidates)
     if args.render:
         path = Path(args.render)
         path.with_suffix(".md").write_text(render_markdown(json.loads(path.read_text())))
@@ -594,37 +847,27 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"] = summarize(result)
         out_path.write_text(json.dumps(result, indent=1))
 
-    def plan_for(layout: PoolLayout, variant: dict) -> AotPlan:
-        return AotPlan.build(layout, model.num_q_heads, sm_count, waves=variant["waves"])
+    def plan_for(layout: PoolLayout, variant: Variant) -> AotPlan:
+        return variant_plan(layout, model.num_q_heads, sm_count, variant)
 
-    # 1. Our kernel's launch variant, chosen once on two target points.
-    if args.variant == "sweep":
-        scores = {name: [] for name in VARIANTS}
-        for batch in (4, 64):
-            layout = layouts[0.25][0] if 0.25 in layouts else layouts[kept_list[-1]][0]
-            store = Storage(layout, batch, 32768, args.page_size, l2, mem_budget)
-            for name, v in VARIANTS.items():
-                m = Methods(store, plan_for(layout, v), v, sm_count)
-                r = run_method(m, "ragged_aot", args.time_per_method_s)
-                r.update(variant=name, batch=batch, context=32768, kept=0.25)
-                result["variant_sweep"].append(r)
-                if "ms" in r:
-                    scores[name].append(r["ms"])
-                print(f"  variant {name:32s} b{batch}: {r.get('ms', r.get('error'))}")
-            del store, m
-            torch.cuda.empty_cache()
-        ok = {
-            n: math.exp(statistics.mean(math.log(x) for x in s))
-            for n, s in scores.items()
-            if len(s) == 2
-        }
-        chosen = min(ok, key=ok.get) if ok else next(iter(VARIANTS))
+    # 1. Our kernel's launch variant per batch size, from a timed sweep over all variants.
+    if len(candidates) > 1:
+        chosen = sweep_variants(
+            candidates, kept_list, layouts, args, l2, mem_budget, plan_for, sm_count, start, result
+        )
     else:
-        chosen = args.variant
-    variant = VARIANTS[chosen]
-    result["chosen_variant"] = {"name": chosen, **variant}
-    print(f"variant: {chosen}")
+        chosen = {"overall": candidates[0], "by_batch": {}}
+    result["chosen_variant"] = {
+        **chosen,
+        "configs": {
+            n: VARIANTS[n].describe() for n in {chosen["overall"], *chosen["by_batch"].values()}
+        },
+    }
+    print(f"variants: {chosen}")
     save()
+
+    def variant_for(batch: int) -> Variant:
+        return VARIANTS[chosen["by_batch"].get(str(batch), chosen["overall"])]
 
     # 2. The sweep.
     for batch, context in point_order(batches, contexts):
@@ -641,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 torch.cuda.empty_cache()
                 continue
+            variant = variant_for(batch)
             methods = Methods(store, plan_for(layout, variant), variant, sm_count, sglang_decode)
             names = [n for n in RAGGED_METHODS if n in wanted]
             if kept >= 1.0:
@@ -666,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "ms" in r:
                     row["ratio_to_floor"] = round(r["ms"] / floor_ms, 3)
                     row["achieved_GBps"] = round(store.kv_bytes / r["ms"] / 1e6, 1)
+                if name == "ragged_aot":
+                    row["variant"] = next(n for n, v in VARIANTS.items() if v == variant)
                 result["rows"].append(row)
                 print(
                     f"b{batch:<3d} ctx{context:<7d} kept {kept:<5} {name:22s} "
@@ -685,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         layout, info = synthetic_layout(model, 0.25, grouping="per-layer")
         result["profiles"]["0.25@per-layer"] = info
         store = Storage(layout, 16, 32768, args.page_size, l2, mem_budget)
+        variant = variant_for(16)
         methods = Methods(store, plan_for(layout, variant), variant, sm_count)
         floor_ms = store.kv_bytes / bw * 1e3
         for name in [n for n in ("ragged_aot", "ragged_replan") if n in wanted]:
@@ -774,8 +1021,7 @@ def render_markdown(result: dict) -> str:
         f"Copy bandwidth (read + write): {result['copy_bandwidth_GBps']} GB/s; "
         f"{result['sm_count']} SMs; page size {result['page_size']}; bf16 KV; Qwen3-4B shapes "
         "(36 layers, 32 q / 8 kv heads, head_dim 128).  ",
-        f"Our kernel's launch variant: `{result.get('chosen_variant', {}).get('name')}` "
-        "(chosen by the variant sweep in the JSON).",
+        f"Our kernel's launch variant: {describe_chosen(result.get('chosen_variant', {}))}.",
         "",
         "Time per decode step (all 36 layers, CUDA graph replay + the step's host work), "
         "median, in ms; `[x]` = time / bandwidth floor. Full-KV baselines are measured at "
@@ -832,6 +1078,15 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe_chosen(chosen: dict) -> str:
+    """The chosen variant(s): one name (older results), or overall plus per batch size."""
+    if "name" in chosen:
+        return f"`{chosen['name']}` (chosen by the variant sweep in the JSON)"
+    by_batch = ", ".join(f"b{b}: `{n}`" for b, n in chosen.get("by_batch", {}).items())
+    text = f"`{chosen.get('overall')}`"
+    return text + (f"; per batch size (sweep winners) {by_batch}" if by_batch else "")
+
+
 def _extra_sections(result: dict) -> list[str]:
     """Sections that a combined results file may carry: the AOT-FlashInfer pass, the
     launch-variant sweep and notes on the device runs."""
@@ -860,18 +1115,29 @@ def _extra_sections(result: dict) -> list[str]:
             lines.append(f"| {b} | {c // 1024}K | {int(k * 100)}% | {got[0]} | {got[1]} |")
     sweep = result.get("variant_sweep", [])
     if sweep:
+        points = list(dict.fromkeys((r["batch"], r["context"], r["kept"]) for r in sweep))
         lines += [
             "",
             f"Launch-variant sweep of our kernel ({result.get('variant_sweep_note', '')}"
-            "), kept 25%, 32K, ms per step:",
+            "), ms per step [x floor where known]:",
             "",
-            "| variant | batch 4 | batch 64 |",
-            "|---|---|---|",
+            "| variant | "
+            + " | ".join(f"b{b} {c // 1024}K {int(k * 100)}%" for b, c, k in points)
+            + " |",
+            "|---|" + "---|" * len(points),
         ]
         for name in dict.fromkeys(r["variant"] for r in sweep):
-            by_b = {r["batch"]: r.get("ms") for r in sweep if r["variant"] == name}
-            cells = [f"{by_b[b]:.3f}" if by_b.get(b) else "" for b in (4, 64)]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+            got = {(r["batch"], r["context"], r["kept"]): r for r in sweep if r["variant"] == name}
+            cells = []
+            for p in points:
+                r = got.get(p, {})
+                if r.get("ms") is None:
+                    cells.append("error" if "error" in r else "")
+                elif "ratio_to_floor" in r:
+                    cells.append(f"{r['ms']:.3f} [{r['ratio_to_floor']:.2f}]")
+                else:
+                    cells.append(f"{r['ms']:.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     runs = result.get("runs", [])
     if runs:
         lines += ["", "Device runs:", ""] + [f"- {note}" for note in runs]

@@ -9,17 +9,26 @@ S_h is proportional to the group ratio every program reads about the same bytes.
 ids come from `req_to_slot[g, r]` (token-level, so any page size works), K/V rows from
 `head_base[h] + slot * head_stride[h]`. All q heads of the GQA group are handled
 together (one [BLOCK_H, D] x [D, BLOCK_N] dot per tile, BLOCK_H >= 16 for the MMA), with
-an fp32 online softmax. Each program writes a partial (o, lse) into a fixed buffer
-`[B, Hq, max_splits, D]`; a merge kernel combines the S_h partials of each q head (or,
-with `fused_merge`, the last split to finish does, counted by an atomic; measured slower
-on the H100 at batch 4, so off by default). Launch shapes depend only on the bucket and
-the batch size, so a decode step can be captured in a CUDA graph per batch size.
+an fp32 online softmax.
+
+A head with one split writes its final output directly. Otherwise each program writes a
+partial (o, lse) into a fixed buffer `[B, Hq, max_splits, D]`, and the partials are
+combined by log-sum-exp, BLOCK_S of them at a time, so any split count merges with one
+compile: by a merge kernel (`merge="kernel"`), or by the last split of the (request, kv
+head) to finish, counted by an atomic (`merge="fused"`, one launch per layer). With
+`pdl`, on Hopper and newer, each launch may start while the previous one drains
+(programmatic dependent launch): it reads the static plan tables, then waits for the
+previous grid before reading anything a previous kernel may write (q, K/V, lengths,
+partials). How to launch is a `DecodeLaunch`; the benchmark's variant sweep picks one.
+Launch shapes depend only on the bucket and the batch size, so a decode step can be
+captured in a CUDA graph per batch size.
 
 A length of 0 gives a zero output row (every partial is empty, lse = -inf).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -31,14 +40,71 @@ from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 from tangram_sglang.plan import AotPlan
 from tangram_sglang.ragged_kv import RaggedKV
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAVE_GDC = True
+except ImportError:  # a Triton without programmatic dependent launch: pdl is ignored
+    HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+MERGES = ("kernel", "fused")
 
 
 def interpreting() -> bool:
     """Under TRITON_INTERPRET the kernels upcast dot operands: the interpreter's bf16 dot
     is wrong (triton 3.9), and fp32 operands give the same function."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How to launch decode: tile width, warps and pipeline stages of the split kernel;
+    who merges the splits (`kernel`: a second launch; `fused`: the last split to finish);
+    the merge's chunk width; programmatic dependent launch (`pdl`, ignored where the GPU
+    or the interpreter cannot do it); grid order (`batch_fastest`: the grid is (batch,
+    work items), so CTAs start item by item across all requests and the table's heaviest
+    splits start first for every request, not only for the first ones). The default is
+    the launch of the fastest variant measured on an H100 (bench/kernels.py variant sweep,
+    2026-11-23); the sweep's newer variants are measured against it."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    merge: str = "kernel"
+    merge_block: int = 64
+    pdl: bool = False
+    batch_fastest: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n {self.block_n} must be a power of 2 >= 16")
+        if self.merge_block < 2 or self.merge_block & (self.merge_block - 1):
+            raise ValueError(f"merge_block {self.merge_block} must be a power of 2 >= 2")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge {self.merge!r} is not one of {MERGES}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"num_warps {self.num_warps} / num_stages {self.num_stages} invalid")
+
+
+DEFAULT_LAUNCH = DecodeLaunch()
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    if not HAVE_GDC or interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @dataclass(frozen=True)
@@ -49,7 +115,7 @@ class LayerWork:
     num_items: int
     head_splits: torch.Tensor  # [Hkv] int32
     max_splits: int  # partial-buffer stride (the bucket's largest split count)
-    block_s: int  # merge width: next power of 2 of the plan's max_splits (one compile)
+    block_s: int  # next power of 2 of the plan's largest split count (merge chunk bound)
     min_chunk: int
 
 
@@ -59,6 +125,7 @@ class DecodeSchedule:
     def __init__(self, plan: AotPlan, device: torch.device | str) -> None:
         self.plan = plan
         self._layers: list[list[LayerWork]] = []
+        block_s = triton.next_power_of_2(max(plan.most_splits, 2))
         for b in range(len(plan.buckets)):
             tables = [plan.table(b, layer) for layer in range(plan.num_layers)]
             width = max(t.num_items for t in tables)
@@ -75,7 +142,7 @@ class DecodeSchedule:
                         t.num_items,
                         splits[layer],
                         plan.bucket_max_splits(b),
-                        triton.next_power_of_2(max(plan.max_splits, 2)),
+                        block_s,
                         plan.min_chunk,
                     )
                     for layer, t in enumerate(tables)
@@ -107,6 +174,55 @@ class DecodeWorkspace:
             (max_batch * schedule.plan.num_kv_heads,), dtype=torch.int32, device=device
         )
         self.max_batch = max_batch
+
+
+@triton.jit
+def _merge_row(
+    OPart,
+    LsePart,
+    stride_ps,
+    stride_ls,
+    n_split,
+    offs_d,
+    mask_d,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LSE_BASE2: tl.constexpr,
+    CACHE: tl.constexpr,
+):
+    """Log-sum-exp merge of one row's `n_split` partials, BLOCK_S at a time (online), so
+    one compile merges any split count. Empty partials (lse = -inf) weigh 0 whatever
+    their stale o holds. Returns (merged row fp32, natural-log lse or -inf)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+    denom = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_split, BLOCK_S):
+        split = s0 + offs_s
+        mask_s = split < n_split
+        lse = tl.load(
+            LsePart + split * stride_ls, mask=mask_s, other=float("-inf"), cache_modifier=CACHE
+        )
+        o = tl.load(
+            OPart + split[:, None] * stride_ps + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :],
+            other=0.0,
+            cache_modifier=CACHE,
+        )
+        if LSE_BASE2:
+            lse = lse * 0.6931471805599453
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m - m_safe)
+        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)
+        o = tl.where(w[:, None] > 0, o, 0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        denom = denom * alpha + tl.sum(w, 0)
+        m = m_new
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    total = tl.where(denom > 0, m_safe + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
+    return out, total
 
 
 @triton.jit
@@ -150,15 +266,25 @@ def _split_kernel(
     DOT_F32: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    b = tl.program_id(1)
+    if BATCH_FASTEST:
+        b = tl.program_id(0)
+        item = tl.program_id(1)
+    else:
+        item = tl.program_id(0)
+        b = tl.program_id(1)
+    # Static tables (the plan's and the pool's, written once at start-up) ...
     h = tl.load(Items + item * 2)
     s = tl.load(Items + item * 2 + 1)
     n_split = tl.load(HeadSplits + h)
     g = tl.load(HeadGroup + h).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
+    if USE_PDL:  # ... then what earlier kernels of the step write: q, K/V, lengths.
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.load(ReqRows + b).to(tl.int64)
     length = tl.load(GroupLens + g * stride_gl_g + r)
 
@@ -174,10 +300,11 @@ def _split_kernel(
         mask_d = tl.full([BLOCK_D], 1, tl.int1)
     else:
         mask_d = offs_d < HEAD_DIM
+    mask_hd = mask_h[:, None] & mask_d[None, :]
     q_heads = h * GQA + offs_h
     q = tl.load(
         Q + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :],
+        mask=mask_hd,
         other=0.0,
     )
     if DOT_F32:
@@ -195,55 +322,54 @@ def _split_kernel(
         )
         m_i, l_i, acc = online_update(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
 
-    out_row = (b * num_q_heads + q_heads) * max_splits + s
-    if end > start:
-        o = acc / l_i[:, None]
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(
+        nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    if n_split == 1:  # the head's only split: its result is final, nothing to merge
         tl.store(
-            OPart + out_row[:, None] * HEAD_DIM + offs_d[None, :],
-            o,
-            mask=mask_h[:, None] & mask_d[None, :],
+            Out + b * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(Out.dtype.element_ty),
+            mask=mask_hd,
         )
-        tl.store(LsePart + out_row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_h)
+        if WRITE_LSE:
+            tl.store(LseOut + b * num_q_heads + q_heads, lse, mask=mask_h)
     else:
-        tl.store(LsePart + out_row, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=mask_h)
-
-    if FUSED_MERGE:
-        # The last of the head's splits to arrive merges all of them (no second launch).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Arrivals + b * num_kv_heads + h, 1, sem="acq_rel")
-        if arrived == n_split - 1:
-            first_row = (b * num_q_heads + q_heads) * max_splits
-            offs_s = tl.arange(0, BLOCK_S)
-            lse = tl.load(
-                LsePart + first_row[:, None] + offs_s[None, :],
-                mask=mask_h[:, None] & (offs_s[None, :] < n_split),
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )
-            m = tl.max(lse, 1)
-            m_safe = tl.where(m > float("-inf"), m, 0.0)
-            w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe[:, None]), 0.0)
-            denom = tl.sum(w, 1)
-            merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            for s2 in range(0, n_split):
-                w_s = tl.sum(tl.where(offs_s[None, :] == s2, w, 0.0), 1)
-                o_s = tl.load(
-                    OPart + (first_row + s2)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(mask_h & (w_s > 0))[:, None] & mask_d[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                merged += o_s * w_s[:, None]
-            merged = merged / tl.where(denom > 0, denom, 1.0)[:, None]
-            tl.store(
-                Out + b * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :],
-                merged.to(Out.dtype.element_ty),
-                mask=mask_h[:, None] & mask_d[None, :],
-            )
-            if WRITE_LSE:
-                total = tl.where(denom > 0, m_safe + tl.log(denom), float("-inf"))
-                tl.store(LseOut + b * num_q_heads + q_heads, total, mask=mask_h)
-            tl.atomic_xchg(Arrivals + b * num_kv_heads + h, 0)
+        out_row = (b * num_q_heads + q_heads) * max_splits + s
+        if end > start:
+            tl.store(OPart + out_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_hd)
+        tl.store(LsePart + out_row, lse, mask=mask_h)
+        if FUSED_MERGE:
+            # The last of the head's splits to arrive merges all of them (no second launch),
+            # one q head at a time, BLOCK_S partials per load.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(Arrivals + b * num_kv_heads + h, 1, sem="acq_rel")
+            if arrived == n_split - 1:
+                for i in tl.static_range(GQA):
+                    hq = h * GQA + i
+                    row0 = (b * num_q_heads + hq) * max_splits
+                    merged, total = _merge_row(
+                        OPart + row0 * HEAD_DIM,
+                        LsePart + row0,
+                        HEAD_DIM,
+                        1,
+                        n_split,
+                        offs_d,
+                        mask_d,
+                        BLOCK_S,
+                        BLOCK_D,
+                        False,
+                        ".cg",
+                    )
+                    tl.store(
+                        Out + b * stride_ob + hq * stride_oh + offs_d,
+                        merged.to(Out.dtype.element_ty),
+                        mask=mask_d,
+                    )
+                    if WRITE_LSE:
+                        tl.store(LseOut + b * num_q_heads + hq, total)
+                tl.atomic_xchg(Arrivals + b * num_kv_heads + h, 0)
 
 
 @triton.jit
@@ -268,6 +394,8 @@ def _merge_kernel(
     UNIFORM_SPLITS: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     LSE_BASE2: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     hq = tl.program_id(1)
@@ -275,39 +403,36 @@ def _merge_kernel(
         n_split = UNIFORM_SPLITS
     else:
         n_split = tl.load(HeadSplits + hq // GQA)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_split
-    lse = tl.load(
-        LsePart + b * stride_lb + hq * stride_lh + offs_s * stride_ls,
-        mask=mask_s,
-        other=float("-inf"),
-    )
-    valid = lse > float("-inf")
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)
-    if LSE_BASE2:
-        w = tl.where(valid, tl.exp2(lse - m_safe), 0.0)
+    if SKIP_SINGLE:  # noqa: SIM108
+        fewest = 2  # one split wrote the final output itself
     else:
-        w = tl.where(valid, tl.exp(lse - m_safe), 0.0)
-    o = tl.load(
-        OPart + b * stride_pb + hq * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    denom = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(
-        Out + b * stride_ob + hq * stride_oh + offs_d,
-        out.to(Out.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
-    if WRITE_LSE:
-        if LSE_BASE2:
-            total = (m_safe + tl.log2(denom)) * 0.6931471805599453
-        else:
-            total = m_safe + tl.log(denom)
-        tl.store(LseOut + b * tl.num_programs(1) + hq, tl.where(denom > 0, total, float("-inf")))
+        fewest = 1
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    if n_split >= fewest:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        out, total = _merge_row(
+            OPart + b * stride_pb + hq * stride_ph,
+            LsePart + b * stride_lb + hq * stride_lh,
+            stride_ps,
+            stride_ls,
+            n_split,
+            offs_d,
+            mask_d,
+            BLOCK_S,
+            BLOCK_D,
+            LSE_BASE2,
+            "",
+        )
+        tl.store(
+            Out + b * stride_ob + hq * stride_oh + offs_d,
+            out.to(Out.dtype.element_ty),
+            mask=mask_d,
+        )
+        if WRITE_LSE:
+            tl.store(LseOut + b * tl.num_programs(1) + hq, total)
 
 
 def _check_decode_args(
@@ -342,20 +467,15 @@ def decode_attention(
     workspace: DecodeWorkspace,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    fused_merge: bool = False,
+    launch: DecodeLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """Ragged decode for one layer: q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype).
 
     `req_rows` `[B]` (int32/int64, on the device) are the request rows in `req_to_slot`;
     `work` is `DecodeSchedule.layer(B, layer)`. `lse` `[B, Hq]` fp32, if given, receives
-    the natural-log log-sum-exp (-inf for an empty row). `fused_merge`: the last split of
-    each (request, kv head) to finish merges the partials in the same launch (an arrival
-    counter in the workspace, reset by that split); otherwise a second kernel merges. The
-    defaults are the fastest launch variant measured on an H100 (bench/kernels.py
-    variant sweep, 2026-11-23: the separate merge kernel beat the fused merge at batch 4).
+    the natural-log log-sum-exp (-inf for an empty row). `launch` picks the launch variant
+    (`DecodeLaunch`); a fused merge keeps its arrival counters in the workspace (each
+    back at 0 after the launch).
     """
     _check_decode_args(q, kv, req_rows, work)
     batch, hq, dim = q.shape
@@ -373,9 +493,14 @@ def decode_attention(
         raise ValueError(f"lse must be a contiguous [{batch}, {hq}] tensor")
     if workspace.arrivals.numel() < batch * hkv:
         raise ValueError(f"workspace was sized for another kv head count than {hkv}")
+    fused = launch.merge == "fused"
+    pdl = launch.pdl and _pdl_supported(q.device)
+    pdl_kw = {"launch_pdl": True} if pdl else {}
     block_d = triton.next_power_of_2(dim)
+    block_s = min(work.block_s, launch.merge_block)
     ms = work.max_splits
-    _split_kernel[(work.num_items, batch)](
+    grid = (batch, work.num_items) if launch.batch_fastest else (work.num_items, batch)
+    _split_kernel[grid](
         q,
         kv.k,
         kv.v,
@@ -410,25 +535,43 @@ def decode_attention(
         HEAD_DIM=dim,
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(gqa)),
-        BLOCK_N=block_n,
-        BLOCK_S=work.block_s,
+        BLOCK_N=launch.block_n,
+        BLOCK_S=block_s,
         DOT_F32=interpreting(),
-        FUSED_MERGE=fused_merge,
+        FUSED_MERGE=fused,
         WRITE_LSE=lse is not None,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        USE_PDL=pdl,
+        BATCH_FASTEST=launch.batch_fastest,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+        **pdl_kw,
     )
-    if not fused_merge:
-        merge_partials(
+    if not fused:
+        _merge_kernel[(batch, hq)](
             workspace.o_part,
             workspace.lse_part,
             work.head_splits,
             out,
-            lse,
-            partial_strides=(hq * ms * dim, ms * dim, dim),
-            lse_strides=(hq * ms, ms, 1),
-            gqa=gqa,
-            max_splits=work.block_s,
+            lse if lse is not None else workspace.lse_part,
+            hq * ms * dim,
+            ms * dim,
+            dim,
+            hq * ms,
+            ms,
+            1,
+            out.stride(0),
+            out.stride(1),
+            GQA=gqa,
+            HEAD_DIM=dim,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            UNIFORM_SPLITS=0,
+            WRITE_LSE=lse is not None,
+            LSE_BASE2=False,
+            SKIP_SINGLE=True,
+            USE_PDL=pdl,
+            num_warps=4,
+            **pdl_kw,
         )
     return out
 
@@ -445,20 +588,23 @@ def merge_partials(
     max_splits: int,
     uniform_splits: int = 0,
     lse_base2: bool = False,
+    merge_block: int = 64,
 ) -> torch.Tensor:
     """Combine split partials by log-sum-exp: out[b, h] = sum_s w_s o[b, h, s] with
     w_s = exp(lse_s - lse), skipping empty splits (lse = -inf); all empty gives 0.
 
     Strides (in elements) address partial (b, h, s) of `o_part`/`lse_part`, so both this
     module's buffer and FlashInfer's [(b, s), h] outputs merge without a copy. Split
-    counts come from `head_splits[h // gqa]`, or `uniform_splits` when > 0. `lse_base2`:
-    the partial lse are log2 (FlashInfer's); `lse` is always written in natural log.
+    counts come from `head_splits[h // gqa]`, or `uniform_splits` when > 0; any count up
+    to `max_splits` merges, `merge_block` partials per load. `lse_base2`: the partial lse
+    are log2 (FlashInfer's); `lse` is always written in natural log.
     """
     batch, hq, dim = out.shape
     if out.stride(2) != 1:
         raise ValueError("out needs a contiguous last dimension")
     if lse is not None and (lse.shape != (batch, hq) or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous [{batch}, {hq}] tensor")
+    block_d = triton.next_power_of_2(dim)
     _merge_kernel[(batch, hq)](
         o_part,
         lse_part,
@@ -471,11 +617,13 @@ def merge_partials(
         out.stride(1),
         GQA=gqa,
         HEAD_DIM=dim,
-        BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_S=triton.next_power_of_2(max(max_splits, 2)),
+        BLOCK_D=block_d,
+        BLOCK_S=min(triton.next_power_of_2(max(max_splits, 2)), merge_block),
         UNIFORM_SPLITS=uniform_splits,
         WRITE_LSE=lse is not None,
         LSE_BASE2=lse_base2,
+        SKIP_SINGLE=False,
+        USE_PDL=False,
         num_warps=4,
     )
     return out

@@ -9,6 +9,7 @@ fragmented across requests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -21,6 +22,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from tangram_sglang.kernels.decode import (  # noqa: E402
+    DecodeLaunch,
     DecodeSchedule,
     DecodeWorkspace,
     decode_attention,
@@ -43,6 +45,19 @@ PAGE_SIZES = (1, 16, 64) if CUDA else (1, 16)
 DIM, MAX_LEN, BLOCK = (128, 700, 64) if CUDA else (32, 70, 16)
 # ||out - ref|| / ||ref|| per q-head row: fp32 accumulation, inputs and output rounded.
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+# Decode launch variants under test: both merges, both grid orders. `pdl` only changes
+# compiled code on Hopper and newer, so only the GPU runs it (and a wider tile); the
+# benchmark's sweep checks every other variant's output against the first's.
+LAUNCHES = {
+    "merge-kernel": DecodeLaunch(block_n=BLOCK),
+    "fused-merge": DecodeLaunch(block_n=BLOCK, merge="fused", batch_fastest=True),
+}
+if CUDA:
+    LAUNCHES |= {
+        "merge-kernel-pdl": DecodeLaunch(block_n=BLOCK, pdl=True, batch_fastest=True),
+        "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
+        "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
+    }
 
 
 def fresh_seed() -> int:
@@ -143,12 +158,13 @@ def assert_rows_close(
     )
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-merge", "merge-kernel"])
+@pytest.mark.parametrize("variant", LAUNCHES)
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("page", PAGE_SIZES)
-def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, fused: bool) -> None:
+def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, variant: str) -> None:
     seed = fresh_seed()
+    launch = dataclasses.replace(LAUNCHES[variant], merge_block=random.choice([2, 4, 64]))
     hkv = 4 if gqa == 1 else 2
     layout = random_layout(2, hkv, 3, DIM)
     batch = random.randint(2, 5)
@@ -159,7 +175,7 @@ def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, fused
         hkv * gqa,
         num_sms=random.randint(1, 6),
         waves=random.choice([1.0, 4.0]),
-        max_splits=random.choice([4, 16]),
+        max_splits=random.choice([4, 16, 1024]),
         min_chunk=random.choice([1, BLOCK, 3 * BLOCK]),
     )
     schedule = DecodeSchedule(plan, DEVICE)
@@ -181,11 +197,10 @@ def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, fused
             workspace,
             out=out,
             lse=lse,
-            block_n=BLOCK,
-            fused_merge=fused,
+            launch=launch,
         )
         ref, ref_lse = ragged_decode(q, kv, rows, scale, return_lse=True)
-        what = f"decode layer {layer} gqa {gqa} {dtype} page {page} fused {fused} lens {lens}"
+        what = f"decode layer {layer} gqa {gqa} {dtype} page {page} {launch} lens {lens}"
         assert_rows_close(out.cpu(), ref.cpu(), TOL[dtype], what, seed)
         got_lse, ref_lse = lse.cpu().double(), ref_lse.cpu()
         empty = torch.isinf(ref_lse)
@@ -195,8 +210,8 @@ def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, fused
         assert lse_err < 2e-2, f"{what}: lse differs by {lse_err}, seed {seed}"
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-merge", "merge-kernel"])
-def test_decode_empty_rows_are_zero_and_splits_beyond_length_are_harmless(fused: bool) -> None:
+@pytest.mark.parametrize("variant", LAUNCHES)
+def test_decode_empty_rows_are_zero_and_splits_beyond_length_are_harmless(variant: str) -> None:
     """Length 0 gives zeros; a head with far more splits than tiles still matches; the
     fused merge's arrival counters are back at zero after every launch."""
     seed = fresh_seed()
@@ -219,8 +234,7 @@ def test_decode_empty_rows_are_zero_and_splits_beyond_length_are_harmless(fused:
             schedule.layer(3, 0),
             workspace,
             out=out,
-            block_n=BLOCK,
-            fused_merge=fused,
+            launch=LAUNCHES[variant],
         )
         assert not workspace.arrivals.any(), "arrival counters were not reset"
     assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu())), f"seed {seed}"
@@ -230,6 +244,75 @@ def test_decode_empty_rows_are_zero_and_splits_beyond_length_are_harmless(fused:
         TOL[torch.float16],
         "decode with many splits",
         seed,
+    )
+
+
+def two_group_layout(low: float) -> PoolLayout:
+    """One layer, kv head 0 in a group of ratio `low`, kv head 1 in a 100% group."""
+    return PoolLayout(1, 2, DIM, (((0,),), ((1,),)), (low, 1.0))
+
+
+@pytest.mark.parametrize("merge", ["kernel", "fused"])
+def test_decode_merges_hundreds_of_splits(merge: str) -> None:
+    """At a low kept ratio and a small batch the 100% group gets more than 64 splits (no
+    cap); with tiny chunks most of them hold tokens, and merging them BLOCK_S at a time
+    still gives the reference (lse included)."""
+    seed = fresh_seed()
+    layout = two_group_layout(random.uniform(0.05, 0.4))
+    plan = AotPlan.build(layout, 8, num_sms=64, waves=8, buckets=(2,), min_chunk=1)
+    splits = plan.splits[0][1]
+    assert splits > 64, f"the 100% group got only {splits} splits, seed {seed}"
+    longest = 80 * BLOCK
+    lens = [[random.randint(0, longest // 4), random.randint(longest // 2, longest)], [1, 0]]
+    pool, rows = build_pool(layout, lens, 16, torch.float16)
+    schedule = DecodeSchedule(plan, DEVICE)
+    workspace = DecodeWorkspace(schedule, 2, DIM, DEVICE)
+    workspace.o_part.fill_(float("nan"))
+    launch = DecodeLaunch(block_n=BLOCK, merge=merge, merge_block=random.choice([4, 16]))
+    q = torch.randn(2, 8, DIM, device=DEVICE).half()
+    req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    kv = pool.layer_view(0)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, 8), float("nan"), device=DEVICE)
+    decode_attention(q, kv, req, 0.3, schedule.layer(2, 0), workspace, out, lse, launch)
+    ref, ref_lse = ragged_decode(q, kv, rows, 0.3, return_lse=True)
+    what = f"{splits} splits, {launch}, lens {lens}"
+    assert_rows_close(out.cpu(), ref.cpu(), TOL[torch.float16], what, seed)
+    got, want = lse.cpu().double(), ref_lse.cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: lse -inf, seed {seed}"
+    finite = ~torch.isinf(want)
+    assert torch.allclose(got[finite], want[finite], atol=2e-2), f"{what}: lse, seed {seed}"
+    assert not workspace.arrivals.any(), "arrival counters were not reset"
+
+
+@pytest.mark.parametrize("variant", LAUNCHES)
+def test_single_split_heads_write_their_output_directly(variant: str) -> None:
+    """With one split per head (a large batch on few SMs) the split kernel's result is
+    final: the partial buffers stay untouched (NaN here) and the output is exact."""
+    seed = fresh_seed()
+    layout = random_layout(2, 2, 2, DIM)
+    batch = random.randint(2, 4)
+    lens = [interesting_lengths(2, 16, MAX_LEN) for _ in range(batch)]
+    pool, rows = build_pool(layout, lens, 16, torch.bfloat16)
+    plan = AotPlan.build(layout, 8, num_sms=1, waves=1.0, buckets=(4,))
+    assert all(s == 1 for row in plan.splits for s in row), plan.splits
+    schedule = DecodeSchedule(plan, DEVICE)
+    workspace = DecodeWorkspace(schedule, batch, DIM, DEVICE)
+    workspace.o_part.fill_(float("nan"))
+    workspace.lse_part.fill_(float("nan"))
+    q = torch.randn(batch, 8, DIM, device=DEVICE).bfloat16()
+    req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    for layer in range(2):
+        kv = pool.layer_view(layer)
+        out = torch.full_like(q, float("nan"))
+        work = schedule.layer(batch, layer)
+        decode_attention(q, kv, req, 0.2, work, workspace, out=out, launch=LAUNCHES[variant])
+        what = f"one split per head, layer {layer}, {variant}, lens {lens}"
+        assert_rows_close(
+            out.cpu(), ragged_decode(q, kv, rows, 0.2).cpu(), TOL[torch.bfloat16], what, seed
+        )
+    assert workspace.o_part.isnan().all() and workspace.lse_part.isnan().all(), (
+        f"a single-split head wrote partials, seed {seed}"
     )
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.plan import DEFAULT_BUCKETS, AotPlan, PlanError
+from tangram_sglang.plan import DEFAULT_BUCKETS, SPLITS_LIMIT, AotPlan, PlanError
 from tangram_sglang.profile import ModelIdentity, uniform_profile
 
 
@@ -53,6 +53,29 @@ def test_no_cta_reads_more_than_a_balanced_share(rng: random.Random) -> None:
                     f"bucket {batch} group {g}: {splits} splits is more than needed "
                     f"(seed {rng.seed_value})"
                 )
+
+
+def test_default_plan_gives_a_full_group_the_splits_its_ratio_deserves(rng: random.Random) -> None:
+    """No cap at 64: at a small batch and a low mean ratio, a 100% group gets every split
+    its ratio asks for (hundreds on 132 SMs), so its CTAs are no longer than the others'."""
+    full = (rng.randrange(6), rng.randrange(8))  # the one (layer, head) kept at 100%
+    heads: list[list[list[int]]] = [[[] for _ in range(6)] for _ in range(3)]
+    for layer in range(6):
+        mid = rng.sample(range(8), 2)
+        for h in range(8):
+            g = 2 if (layer, h) == full else 1 if h in mid else 0
+            heads[g][layer].append(h)
+    ratios = (rng.uniform(0.01, 0.05), rng.uniform(0.05, 0.2), 1.0)
+    layout = PoolLayout(6, 8, 128, tuple(tuple(map(tuple, g)) for g in heads), ratios)
+    plan = AotPlan.build(layout, 32, 132)
+    mean_load = sum(sum(layout.ratios[g] for g in row) for row in plan.group_of) / 6
+    b = plan.bucket(4)
+    want = math.ceil(4 * 132 / (4 * mean_load) - 1e-9)
+    assert plan.splits[b][2] == want > 64, (
+        f"100% group at batch 4: {plan.splits[b][2]} splits, its ratio asks for {want} "
+        f"(seed {rng.seed_value})"
+    )
+    assert AotPlan.from_dict(plan.to_dict()) == plan
 
 
 def test_splits_grow_with_the_group_ratio(rng: random.Random) -> None:
@@ -114,7 +137,8 @@ def test_uniform_profile_gives_every_head_the_same_splits() -> None:
     for b, batch in enumerate(plan.buckets):
         assert len(set(plan.head_splits(b, 0))) == 1
         # uniform ratios cancel: about waves * SMs CTAs over batch * 8 (request, head) pairs
-        assert plan.splits[b][0] == min(64, max(1, math.ceil(4 * 132 / (batch * 8) - 1e-9)))
+        want = min(plan.max_splits, max(1, math.ceil(4 * 132 / (batch * 8) - 1e-9)))
+        assert plan.splits[b][0] == want, f"bucket {batch}: {plan.splits[b][0]} != {want}"
 
 
 def test_round_trip_and_malformed_documents(rng: random.Random) -> None:
@@ -146,3 +170,6 @@ def test_bad_knobs_are_named() -> None:
         AotPlan.build(layout, 32, 0)
     with pytest.raises(PlanError, match="waves"):
         AotPlan.build(layout, 32, 132, waves=0)
+    for bad in (0, SPLITS_LIMIT + 1):
+        with pytest.raises(PlanError, match="max_splits"):
+            AotPlan.build(layout, 32, 132, max_splits=bad)

@@ -5,7 +5,9 @@
 #   bench/kernels.py; logs and the results JSON go to $OUT.
 # Knobs: DEADLINE_S (560: the main benchmark starts no new point after this many seconds
 # from the start), TEST_TIMEOUT_S (200), AOTFI_TIMEOUT_S (90), VARIANT (our kernel's launch
-# variant; 'sweep' measures them all first), BENCH_ARGS (extra bench/kernels.py
+# variant; 'sweep' times them all on a few points first and runs each batch size with its
+# fastest; 'sweep:A,B' only those), SWEEP_BUDGET_S (200: start no sweep point after this
+# many seconds of the benchmark), BENCH_ARGS (extra bench/kernels.py
 # arguments), FI_TEST_TIMEOUT_S (90), SKIP_TESTS=1, SKIP_MAIN_TESTS=1 (only the FlashInfer
 # path's tests), SKIP_INSTALL=1 (use the current PYTHONPATH), PYTHON (python3).
 set -uo pipefail
@@ -62,6 +64,7 @@ fi
 say "== benchmark (all points; ours, replan, full-KV baselines)"
 left=$((DEADLINE_S - ($(date +%s) - START)))
 timeout $((left + 60)) "$PY" "$REPO/bench/kernels.py" --budget-s "$left" --variant "$VARIANT" \
+  --sweep-budget-s "${SWEEP_BUDGET_S:-200}" \
   --methods ragged_aot,ragged_replan,flashinfer_full,sglang_triton_full \
   --out "$OUT/kernels.json" --command "bash bench/device/kernels.sh" ${BENCH_ARGS:-}
 say "benchmark exit: $?"
@@ -69,9 +72,13 @@ say "benchmark exit: $?"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   tests flashinfer "${FI_TEST_TIMEOUT_S:-90}" "$REPO/tests/test_kernels.py" -k flashinfer
 fi
-say "== benchmark: FlashInfer with AOT splits (subset)"
+# The AOT-FlashInfer pass compares against one variant of ours: the sweep's overall winner.
+CHOSEN=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen_variant']['overall'])" \
+  "$OUT/kernels.json" 2>/dev/null) || CHOSEN=$VARIANT
+case $CHOSEN in sweep*) CHOSEN=n64-w4-s2-merge-kernel-waves4 ;; esac
+say "== benchmark: FlashInfer with AOT splits (subset; ours as $CHOSEN)"
 timeout "${AOTFI_TIMEOUT_S:-90}" "$PY" "$REPO/bench/kernels.py" --budget-s 60 \
-  --variant "$VARIANT" --methods ragged_aot,ragged_aot_flashinfer --no-grouping-compare \
+  --variant "$CHOSEN" --methods ragged_aot,ragged_aot_flashinfer --no-grouping-compare \
   --batches 4,64 --contexts 32768 --kept 0.1,0.25,1.0 --out "$OUT/kernels-aotfi.json" \
   --command "bash bench/device/kernels.sh (AOT-FlashInfer pass)"
 say "aot-flashinfer pass exit: $?"
