@@ -8,9 +8,10 @@
 #       hits the radix cache, the pools return to their start after /flush_cache;
 #   (3) frontend: a multi-turn sgl.function program (a text server: the same shape with the
 #       local tiny tokenizer and its vocabulary) reuses its earlier turns.
+#   A phase "gputests" (first, if named) runs the compiled backend/CUDA-graph tests.
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
 # Knobs: PHASES ("greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
-# FIRST_TOKENS (1024), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192),
+# FIRST_TOKENS (1024), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3).
 # CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
 # (adds --device cpu and the tests' CPU stand-ins).
@@ -57,7 +58,7 @@ common=(--load-format dummy --host 127.0.0.1 --context-length "$CONTEXT" --rando
 if [ "$DEVICE" = cpu ]; then
   common+=(--device cpu --mem-fraction-static 0.3 --max-total-tokens 200000)
 else
-  common+=(--mem-fraction-static "${MEM_FRACTION:-0.8}")
+  common+=(--mem-fraction-static "${MEM_FRACTION:-0.8}" --cuda-graph-max-bs-decode "${GRAPH_BS:-256}")
 fi
 tangram=(--kv-compression tangram --tangram-profile "$WORK/profile.yaml")
 # shellcheck disable=SC2206
@@ -73,12 +74,12 @@ serve() {  # serve NAME MODEL ARGS...: start, wait for /health_generate; sets PI
   URL=http://127.0.0.1:$port
   local left=$((START + BUDGET_S - 30 - $(date +%s)))
   [ "$left" -gt 60 ] || { say "$name: not started, ${left}s of the budget left"; return 1; }
-  echo "$PY -m sglang.launch_server --model-path $model --port $port ${common[*]} $*" \
+  echo "${SERVER_ENV[*]} $PY -m sglang.launch_server --model-path $model --port $port ${common[*]} $*" \
     > "$OUT/server-$name.log"
   local t0
   t0=$(date +%s)
-  setsid "$PY" -m sglang.launch_server --model-path "$model" --port "$port" "${common[@]}" "$@" \
-    >> "$OUT/server-$name.log" 2>&1 &
+  setsid env "${SERVER_ENV[@]}" "$PY" -m sglang.launch_server --model-path "$model" --port "$port" \
+    "${common[@]}" "$@" >> "$OUT/server-$name.log" 2>&1 &
   PID=$!
   local limit=$((left < 300 ? left : 300))
   while [ $(($(date +%s) - t0)) -lt "$limit" ]; do
@@ -87,7 +88,7 @@ serve() {  # serve NAME MODEL ARGS...: start, wait for /health_generate; sets PI
     fi
     if curl -sf -m 20 "$URL/health_generate" > /dev/null 2>&1; then
       say "$name: ready after $(($(date +%s) - t0)) s"
-      grep -E "tangram" "$OUT/server-$name.log" | grep -v -E "^\s*$" | cut -c1-300 | head -8
+      grep -E "tangram|Capture cuda graph end|Capture .* end" "$OUT/server-$name.log" | cut -c1-300 | head -10
       return 0
     fi
     sleep 2
@@ -106,17 +107,27 @@ halt() {  # stop the server started last (its whole process group)
 check() { "$PY" "$REPO/bench/device/e2e_check.py" "$@"; }
 
 declare -A RC
-for phase in ${PHASES:-greedy sessions frontend}; do
+for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase"
   case $phase in
+    gputests)  # compiled: real CUDA-graph capture/replay of the backend, kernels vs reference
+      timeout "${GPUTEST_TIMEOUT_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+        "$REPO/tests/test_cuda_graph_decode.py" "$REPO/tests/test_backend_kernels.py" \
+        > "$OUT/gputests.log" 2>&1
+      rc=$?
+      tail -15 "$OUT/gputests.log" ;;
     greedy)  # fp32: kernels' reduction orders differ, but nothing rounds to bf16 or tf32
-      export TRITON_F32_DEFAULT=ieee
+      fp32=(TRITON_F32_DEFAULT=ieee)
+      # SGLang's CUDA custom ops have no fp32 kernels: native torch forwards in both servers.
+      [ "$DEVICE" = cpu ] || fp32+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
       g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
       rc=1
+      SERVER_ENV=("${fp32[@]}" SGLANG_PLUGINS=none-stock-sglang)  # stock: our plugin not loaded
       if serve stock-fp32 "$MODEL" --skip-tokenizer-init --dtype float32 \
           --attention-backend "${STOCK_BACKEND:-triton}"; then
         check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock.json"
         halt stock-fp32
+        SERVER_ENV=("${fp32[@]}")
         if serve tangram-fp32-r1.0 "$MODEL" --skip-tokenizer-init --dtype float32 "${tangram[@]}" \
             --tangram-ratio 1.0 --max-running-requests 64; then
           check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram.json"
@@ -126,7 +137,7 @@ for phase in ${PHASES:-greedy sessions frontend}; do
           rc=$?
         fi
       fi
-      halt stock-fp32; unset TRITON_F32_DEFAULT ;;
+      halt stock-fp32; SERVER_ENV=() ;;
     sessions)
       rc=1
       if serve tangram-r0.25 "$MODEL" --skip-tokenizer-init "${tangram[@]}" --tangram-ratio 0.25 \
