@@ -5,13 +5,19 @@ memory check, for Budget Reservation (`tangram_sglang.admission`).
   which also rebinds the name in `scheduler`). Under --kv-compression its raw-token gates
   count the logical space, and `add_one_req` first gates on every head group
   (need_g <= free_g + evictable_g - reserved_g, evictable with the request's prefix
-  locked) and, once admitted, reserves the need of the extend range SGLang chose;
-  `add_chunked_req` reserves each further chunk's kept slots.
+  locked, need over the chunks SGLang will cut) and, once admitted, reserves the need of
+  every chunk of the plan that starts with the chunk SGLang chose, plus the decode budget.
+  A request refused because its locked prefix leaves it no room in some group, ever,
+  recomputes that prefix instead (a cached prefix of uncompressed decoded tokens costs
+  more than recompressing it; the request fits from scratch, `init_req_max_new_tokens`
+  checked that); if even that cannot fit, it is aborted. No request waits forever.
+  `add_chunked_req` settles a continuing request's reservation on what its remaining
+  chunks need (no change when SGLang cut the chunk as planned).
 - `allocation.alloc_req_slots` (AFTER): a request's pending reservation moves to the row
   SGLang just gave it; the allocation hooks consume it, `release_row` frees the rest.
 - `Scheduler.init_req_max_new_tokens` (AROUND): a request that cannot fit even an empty
-  cache is aborted with SGLang's own `set_finish_with_abort` path (the client gets a 400,
-  the server keeps serving).
+  cache (its prompt in whole chunks of --chunked-prefill-size) is aborted with SGLang's
+  own `set_finish_with_abort` path (the client gets a 400, the server keeps serving).
 - `ScheduleBatch.check_decode_mem` (AROUND): when SGLang's raw-token check fails, evict
   per group before reporting a shortfall, so reserved requests are not retracted.
 """
@@ -25,13 +31,16 @@ from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.admission import (
+    ChunkPlan,
     decode_budget,
     evictable_group_slots,
     never_fits,
+    new_tokens,
     short_group,
     turn_need,
 )
 from tangram_sglang.allocator import TangramAllocator
+from tangram_sglang.radix import TangramRadixCache
 
 from . import Hook
 from .allocation import _evictor
@@ -63,22 +72,26 @@ class TangramPrefillAdder(PrefillAdder):
             return super().cur_rem_tokens
         return self._logical_room(self.cur_rem_token_offset)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunk_size = self.rem_chunk_tokens  # the batch's whole chunk budget (or None)
+
     def add_one_req(self, req: Any, has_chunked_req: bool, truncation_align_size: Any):
         allocator = self._tangram()
         if allocator is None:
             return super().add_one_req(req, has_chunked_req, truncation_align_size)
-        max_new = decode_budget(req)
-        extend = len(req.full_untruncated_fill_ids) - len(req.prefix_indices)
-        # A chunk of the prompt keeps at most what the whole rest keeps (kept_g is monotone).
-        need = turn_need(extend, max_new, allocator)
-        with self._lock_node(req.last_node):
-            room = allocator.room(evictable_group_slots(self.tree_cache, allocator))
-        if short_group(need, room) is not None:
+        plan = self._plan(truncation_align_size)
+        if not self._fits(req, allocator, plan) and not (
+            self._unblock(req, allocator) and self._fits(req, allocator, plan)
+        ):
             return AddReqResult.NO_TOKEN
         before = len(self.can_run_list)
         result = super().add_one_req(req, has_chunked_req, truncation_align_size)
         if len(self.can_run_list) > before and self.can_run_list[-1] is req:
-            allocator.reserve(req.rid, turn_need(req.extend_range.length, max_new, allocator))
+            chosen = ChunkPlan(req.extend_range.length, self.chunk_size)
+            allocator.reserve(
+                req.rid, turn_need(new_tokens(req), decode_budget(req), allocator, chosen)
+            )
         return result
 
     def add_chunked_req(self, req: Any):
@@ -86,10 +99,61 @@ class TangramPrefillAdder(PrefillAdder):
         before = len(self.can_run_list)
         result = super().add_chunked_req(req)
         if allocator is not None and len(self.can_run_list) > before:
-            # The decode budget was reserved with the first chunk; this chunk's kept slots
-            # are reserved here, without a gate (SGLang must run a started chunked request).
-            allocator.reserve(req.rid, turn_need(req.extend_range.length, 0, allocator))
+            # SGLang must run a started chunked request, so there is no gate: admission
+            # reserved every chunk of its plan, and this chunk is the plan's next one.
+            plan = ChunkPlan(req.extend_range.length, self.chunk_size)
+            need = turn_need(new_tokens(req), decode_budget(req), allocator, plan)
+            change = allocator.settle(req.rid, req.req_pool_idx, need)
+            if any(change):
+                logger.warning(
+                    "tangram: request %s got a chunk of %d tokens, not the planned %s; its "
+                    "reservation changed by %s group slots",
+                    req.rid,
+                    req.extend_range.length,
+                    min(self.chunk_size or 0, new_tokens(req)),
+                    list(change),
+                )
         return result
+
+    def _plan(self, truncation_align_size: Any) -> ChunkPlan:
+        """The chunks SGLang's add_one_req cuts for a request admitted now."""
+        first = self.rem_chunk_tokens
+        if first is not None and truncation_align_size:
+            first = truncation_align_size * (first // truncation_align_size)
+        return ChunkPlan(first, self.chunk_size)
+
+    def _fits(self, req: Any, allocator: TangramAllocator, plan: ChunkPlan) -> bool:
+        """Whether every group has room for the request now (its prefix locked)."""
+        need = turn_need(new_tokens(req), decode_budget(req), allocator, plan)
+        with self._lock_node(req.last_node):
+            room = allocator.room(evictable_group_slots(self.tree_cache, allocator))
+        return short_group(need, room) is None
+
+    def _never_fits(self, req: Any, allocator: TangramAllocator) -> str | None:
+        held = allocator.group_counts(req.prefix_indices).tolist()
+        return never_fits(new_tokens(req), decode_budget(req), allocator, self.chunk_size, held)
+
+    def _unblock(self, req: Any, allocator: TangramAllocator) -> bool:
+        """A request that can never fit with its locked prefix recomputes it; one that
+        cannot fit even then is aborted. Returns whether the request changed."""
+        if self._never_fits(req, allocator) is None:
+            return False  # it fits once running requests finish: wait
+        tree = self.tree_cache
+        if len(req.prefix_indices) and isinstance(tree, TangramRadixCache):
+            logger.info(
+                "tangram: request %s recomputes its %d cached prefix tokens: with them "
+                "locked it can never fit (%s)",
+                req.rid,
+                len(req.prefix_indices),
+                self._never_fits(req, allocator),
+            )
+            tree.recompute(req)
+            req.init_next_round_input(tree)
+        reason = self._never_fits(req, allocator)
+        if reason is not None:
+            req.set_finish_with_abort(reason)
+            req.init_next_round_input(tree)
+        return True
 
 
 def bind_reservations(result: Any, req_to_token_pool: Any, reqs: Any, *args: Any, **kw: Any):
@@ -105,7 +169,8 @@ def refuse_never_fitting(original: Any, self: Any, req: Any) -> Any:
     result = original(self, req)
     allocator = self.token_to_kv_pool_allocator
     if isinstance(allocator, TangramAllocator) and req.to_finish is None:
-        reason = never_fits(len(req.origin_input_ids), decode_budget(req), allocator)
+        chunk_size = getattr(self, "chunked_prefill_size", None)
+        reason = never_fits(len(req.origin_input_ids), decode_budget(req), allocator, chunk_size)
         if reason is not None:
             req.set_finish_with_abort(reason)
     return result

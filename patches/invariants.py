@@ -4,7 +4,9 @@ SGLang checks available + evictable + protected == max_total_num_tokens in raw t
 Under --kv-compression `available_size()` is the scarcest group's free count (what
 admission may promise), so the check runs on the logical space instead, and per group:
 free + slots mapped from logical slots == capacity, no slot mapped twice or both mapped
-and free.
+and free. With nothing running, no group slot may stay reserved (Budget Reservation
+released every finished, aborted or retracted request), and the radix tree's incremental
+evictable group-slot count must equal a full walk.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator
+from tangram_sglang.radix import TangramRadixCache
 
 from . import Hook
 
@@ -29,9 +32,25 @@ def check_all_pools(original: Any, self: Any, ps: Any, uncached: int = 0) -> Any
     leak, message = self._check_pool_invariant(
         "logical", available, evictable, protected, session, allocator.size, uncached
     )
-    groups = allocator.leaks()
-    messages = [message, *groups] if groups else [message]
-    return leak or bool(groups), messages
+    problems = [*allocator.leaks(), *idle_problems(allocator, self.tree_cache)]
+    return leak or bool(problems), [message, *problems]
+
+
+def idle_problems(allocator: TangramAllocator, tree_cache: Any) -> list[str]:
+    """What must hold once nothing runs, beyond the pools' own accounting (one line each)."""
+    problems = []
+    reserved = allocator.reserved()
+    if any(reserved):
+        rows = int((allocator.row_reserved.sum(0) > 0).sum())
+        problems.append(
+            f"[tangram] {rows} request row(s) and {len(allocator.pending)} unbound "
+            f"request(s) reserve {list(reserved)} group slots (none may once idle)"
+        )
+    if isinstance(tree_cache, TangramRadixCache) and not tree_cache.disable:
+        drift = tree_cache.check_evictable_count()
+        if drift is not None:
+            problems.append(f"[tangram] {drift}")
+    return problems
 
 
 HOOKS = (

@@ -53,11 +53,14 @@ def init_pools(
     )
     pool = kv_pool.pool
     logger.info(
-        "tangram: %s KV bytes for %d full-KV tokens -> %d logical slots; %s",
+        "tangram: %s KV bytes for %d full-KV tokens -> %d logical slots; %s; request tables "
+        "(req_to_slot [%d, %d, %d] int32 + group_lens) %s bytes",
         f"{pool.total_bytes():,}",
         sizes.max_total_num_tokens,
         allocator.size,
         {k: pool.describe()[k] for k in ("ratios", "slots", "bytes_per_group")},
+        *pool.req_to_slot.shape,
+        f"{pool.table_bytes():,}",
     )
     return _InitializedPools(
         req_to_token_pool=req_to_token_pool,

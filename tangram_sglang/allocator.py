@@ -23,7 +23,11 @@ Budget Reservation (invariant "reserved == used"): admission (`tangram_sglang.ad
 reserves each request's exact per-group need under its request id (`reserve`); once SGLang
 gives the request its row the reservation moves to the row (`bind_reservation`);
 `begin_extend` / `begin_decode` consume it by what they allocate, and `release_row` drops
-what is left. `reserved()` is what admission must keep free or evictable in every group.
+what is left. A chunked prefill's next chunk `settle`s the row's reservation to what its
+remaining chunks and decode budget need (equal to what is held when SGLang cuts the chunks
+as admission planned). `reserved()` is what admission must keep free or evictable in every
+group; an allocation beyond a row's reservation is counted in `overdrawn` (never, when
+admission is right).
 
 `TangramKVPool` is the `KVCache` SGLang holds; it carries the per-forward state the
 allocation hooks write and the `tangram` attention backend reads (overlap scheduling is
@@ -155,6 +159,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.row_reserved = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.pending: dict[str, list[int]] = {}  # reservations of requests without a row
+        self.overdrawn = torch.zeros(G, dtype=torch.int64)  # allocated beyond reservations
         self._next_segment = 1
         self.clear()
 
@@ -196,6 +201,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens.zero_()
         self.row_reserved.zero_()
         self.pending.clear()
+        self.overdrawn.zero_()
         self.is_not_in_free_group = True
         self.free_group = []
         self.get_kvcache().forward_state = None
@@ -242,6 +248,13 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.seg_len[index] = lens.repeat_interleave(lens).to(self.seg_len.device)
 
     # ---- group rows ------------------------------------------------------------------
+
+    def group_counts(self, logical: torch.Tensor) -> torch.Tensor:
+        """Per group, how many group slots the logical slots `logical` map to (host `[G]`)."""
+        if logical.numel() == 0:
+            return torch.zeros(self.pool.num_groups, dtype=torch.int64)
+        index = logical.to(self.logical_to_group.device).long()
+        return (self.logical_to_group[:, index] > 0).sum(1).cpu()
 
     def compact(self, logical: torch.Tensor) -> list[torch.Tensor]:
         """Per group, the group slots `logical` maps to, in order (zeros dropped)."""
@@ -304,6 +317,19 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         if held is not None:
             self.row_reserved[:, row] += torch.tensor(held, dtype=torch.int64)
 
+    def settle(self, key: str, row: int | None, slots: Sequence[int]) -> tuple[int, ...]:
+        """Request `key` (on `row`, None before it has one) still needs exactly `slots[g]`:
+        its reservation becomes that. Returns the change per group (zeros when what it held
+        was what it needs)."""
+        target = torch.tensor([int(n) for n in slots], dtype=torch.int64)
+        held = torch.tensor(self.pending.pop(key, [0] * self.pool.num_groups))
+        if row is None:
+            self.pending[key] = target.tolist()
+        else:
+            held += self.row_reserved[:, row]
+            self.row_reserved[:, row] = target
+        return tuple(int(x) for x in (target - held).tolist())
+
     def drop_pending(self, key: str) -> None:
         """Forget the reservation of a request that never got a row."""
         self.pending.pop(key, None)
@@ -322,8 +348,21 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     def _consume(self, row: int, used: Sequence[int]) -> None:
         """Allocation for `row` used `used[g]` slots: take them from its reservation."""
-        used_t = torch.tensor(list(used), dtype=torch.int64)
-        self.row_reserved[:, row] = (self.row_reserved[:, row] - used_t).clamp_(min=0)
+        self._take(torch.tensor([row]), torch.tensor(list(used), dtype=torch.int64)[:, None])
+
+    def _take(self, rows: torch.Tensor, used: torch.Tensor) -> None:
+        """Take `used` `[G, len(rows)]` slots from the rows' reservations; what exceeds them
+        is counted in `overdrawn` (admission under-reserved) and logged."""
+        left = self.row_reserved[:, rows] - used
+        over = (-left).clamp(min=0).sum(1)
+        if over.any():
+            self.overdrawn += over
+            logger.warning(
+                "tangram: rows %s allocated %s group slots beyond their reservations",
+                rows.tolist(),
+                over.tolist(),
+            )
+        self.row_reserved[:, rows] = left.clamp(min=0)
 
     # ---- allocation for a forward ----------------------------------------------------
 
@@ -423,7 +462,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             device=self.pool.device, dtype=torch.int32
         )
         self._store_lens(host_rows, lens + 1)
-        self.row_reserved[:, host_rows] = (self.row_reserved[:, host_rows] - 1).clamp_(min=0)
+        self._take(host_rows, torch.ones((G, len(rows)), dtype=torch.int64))
         state = ForwardState("decode", tuple(rows), decode_slots=slots)
         self.get_kvcache().forward_state = state
         return state
@@ -440,6 +479,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "window": self.rule.window,
             "reserved": list(self.reserved()),
             "reserved_requests": int((self.row_reserved.sum(0) > 0).sum()) + len(self.pending),
+            "overdrawn": self.overdrawn.tolist(),
         }
 
     def mapped_counts(self) -> tuple[int, ...]:
@@ -489,11 +529,16 @@ def build_tangram_pools(
     ratios; the logical space holds as many raw tokens as the most compressed group could
     represent (full tokens / smallest ratio, at most `LOGICAL_CAP` times full), since
     admission counts raw tokens against `available_size` (the scarcest group).
+    `req_to_slot` is `[G, max_requests + 1, width]` with width the smaller of
+    `max_context` and the largest group: a row holds distinct slots of its group, so it
+    never holds more than the group has (SGLang's context length is often far longer).
     """
     layout = PoolLayout.from_profile(profile, ratio)
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = full_tokens * layout.full_token_bytes(nbytes)
-    pool = RaggedPool.from_budget(layout, budget, dtype, device, max_requests, max_context)
+    slots = layout.pool_slots(budget, layout.ratios, nbytes)
+    width = max(1, min(max_context, max(slots)))
+    pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
     logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
     rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)

@@ -12,16 +12,28 @@ differs per head, so half a segment means nothing):
   holds (two requests computed overlapping text with different segment boundaries)
   inserts nothing new and reports the whole key as present, so the caller frees the
   request's own slots instead of hanging half a segment in the tree.
-- `cache_unfinished_req` adopts the tree's slots only when the joined prefix is valid,
-  and then re-points the request's group rows at them (its own duplicates are freed).
+- `cache_unfinished_req` adopts the tree's slots only when the joined prefix is valid and
+  the tree's slots cost no more, in any group, than the request's own (admission counted
+  the tree's as evictable), and then re-points the request's group rows at them (its own
+  duplicates are freed).
 
 Eviction and duplicate frees go through `TangramAllocator.free`, which frees every group.
 Page size 1 only.
+
+Admission reads, per group, the group slots that evicting every unlocked node would free
+(`evictable_group_slots`). It is kept as SGLang keeps `evictable_size_`, incrementally:
+each node's group-slot counts are taken when it is created or split (its logical slots
+are mapped by then and stay mapped while it lives), and added to or taken from the total
+where SGLang moves a node in or out of the evictable set (new leaf, lock, unlock, delete).
+`check_evictable_count` compares it with a full walk, once per tree state (the idle check).
+A request whose matched prefix leaves it no room can be made to `recompute` it: it neither
+matches nor adopts cached slots from then on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -45,13 +57,27 @@ class TangramRadixCache(RadixCache):
             )
         if params.page_size != 1:
             raise ValueError(f"radix cache 'tangram' serves page size 1, not {params.page_size}")
+        self._recompute: weakref.WeakSet = weakref.WeakSet()
         super().__init__(params)
 
     @property
     def allocator(self) -> TangramAllocator:
         return self.token_to_kv_pool_allocator
 
+    def reset(self) -> None:
+        super().reset()
+        self._node_slots: dict = {}  # TreeNode -> host [G] group slots of its value
+        self._evictable_slots = torch.zeros(self.allocator.pool.num_groups, dtype=torch.int64)
+        self._edits, self._checked = 0, -1  # tree edits so far; edits at the last check
+
+    def recompute(self, req) -> None:
+        """From now on `req` neither matches nor adopts cached slots: it computes its whole
+        prompt itself (admission's way out when its cached prefix leaves it no room)."""
+        self._recompute.add(req)
+
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        if params.req is not None and params.req in self._recompute:
+            return self._empty_match_result
         result = super().match_prefix(params)
         matched = result.device_indices
         valid = self.allocator.valid_prefix_len(matched)
@@ -74,7 +100,11 @@ class TangramRadixCache(RadixCache):
         token_ids = req.get_fill_ids()
         kv_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(token_ids)]
         key = RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle)
-        if not self._joins_cleanly(key, kv_indices):
+        if (
+            req in self._recompute
+            or not self._joins_cleanly(key, kv_indices)
+            or self._adopting_costs_more(key, kv_indices, req.cache_protected_len)
+        ):
             # Keep the request's own slots; its final insert (cache_finished_req) decides.
             req.prefix_indices = kv_indices.to(dtype=torch.int64, copy=True)
             return
@@ -83,11 +113,25 @@ class TangramRadixCache(RadixCache):
         self.allocator.rebuild_row(row, self.req_to_token_pool.req_to_token[row, : len(key)])
 
     def evictable_group_slots(self) -> tuple[int, ...]:
-        """Per group, the group slots that evicting every unlocked node would free.
+        """Per group, the group slots that evicting every unlocked node would free (O(G):
+        the count is kept up to date as nodes come, go, lock and unlock)."""
+        return tuple(int(x) for x in self._evictable_slots.tolist())
 
-        Walks the tree (O(nodes + evictable tokens)) and maps the evictable logical slots
-        through `logical_to_group`; admission calls it once per candidate request.
-        """
+    def check_evictable_count(self) -> str | None:
+        """What is wrong with the incremental count (None: it equals a full walk). Walks
+        only when the tree changed since the last call: the idle check calls it on every
+        turn of the scheduler's idle loop."""
+        if self._checked == self._edits:
+            return None
+        self._checked = self._edits
+        counted, walked = self.evictable_group_slots(), self.recount_evictable_group_slots()
+        if counted == walked:
+            return None
+        return f"the radix tree counts {list(counted)} evictable group slots, a walk {list(walked)}"
+
+    def recount_evictable_group_slots(self) -> tuple[int, ...]:
+        """The same count by walking the tree and mapping the evictable logical slots
+        (O(nodes + evictable tokens)): the check of the incremental count."""
         values, stack = [], [self.root_node]
         while stack:
             node = stack.pop()
@@ -100,6 +144,52 @@ class TangramRadixCache(RadixCache):
         index = torch.cat(values).to(self.allocator.logical_to_group.device).long()
         counts = (self.allocator.logical_to_group[:, index] > 0).sum(1)
         return tuple(int(x) for x in counts.tolist())
+
+    # ---- the incremental evictable count: SGLang's tree edits, plus the group slots ----
+
+    def _insert_helper(self, node, key, value, priority=0, chunked=False):
+        prefix_len, last = super()._insert_helper(node, key, value, priority, chunked)
+        if prefix_len < len(key):  # the rest of the key became a new, unlocked leaf
+            slots = self.allocator.group_counts(last.value)
+            self._node_slots[last] = slots
+            self._evictable_slots += slots
+        self._edits += 1
+        return prefix_len, last
+
+    def _split_node(self, key, child, split_len):
+        whole = self._node_slots[child]
+        head = super()._split_node(key, child, split_len)
+        self._node_slots[head] = self.allocator.group_counts(head.value)
+        self._node_slots[child] = whole - self._node_slots[head]
+        self._edits += 1
+        return head  # same lock count as child: the evictable total is unchanged
+
+    def inc_lock_ref(self, node):
+        if not self.disable:
+            self._evictable_slots -= self._path_slots(node, lock_ref=0)
+            self._edits += 1
+        return super().inc_lock_ref(node)
+
+    def dec_lock_ref(self, node, params=None):
+        if not self.disable:
+            self._evictable_slots += self._path_slots(node, lock_ref=1)
+            self._edits += 1
+        return super().dec_lock_ref(node, params)
+
+    def _delete_leaf(self, node) -> None:
+        super()._delete_leaf(node)
+        self._evictable_slots -= self._node_slots.pop(node)
+        self._edits += 1
+
+    def _path_slots(self, node, lock_ref: int) -> torch.Tensor:
+        """Group slots of the nodes from `node` up to the root whose lock count is
+        `lock_ref` (the ones SGLang's lock or unlock walk moves across the boundary)."""
+        total = torch.zeros_like(self._evictable_slots)
+        while node is not self.root_node:
+            if node.lock_ref == lock_ref:
+                total += self._node_slots[node]
+            node = node.parent
+        return total
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -127,6 +217,18 @@ class TangramRadixCache(RadixCache):
         if self.allocator.valid_prefix_len(tree_values) != present:
             return False
         return self.allocator.starts_segment(value[: len(key)], present)
+
+    def _adopting_costs_more(self, key: RadixKey, value: torch.Tensor, protected: int) -> bool:
+        """Whether the tree's slots for `key[protected:]`, which adopting would lock, hold
+        more group slots in some group than the request's own there, which it would free
+        (another request cached the same tokens segmented differently, e.g. decoded one by
+        one). Adopting then would shrink the room admission promised to others."""
+        present, tree_values = self._present(key)
+        if present <= protected:
+            return False
+        theirs = self.allocator.group_counts(tree_values[protected:present])
+        mine = self.allocator.group_counts(value[protected:present])
+        return bool((theirs > mine).any())
 
 
 def make_tangram_tree(ctx):

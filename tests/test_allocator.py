@@ -110,3 +110,67 @@ def test_built_pools_spend_the_full_kv_bytes_and_widen_the_logical_space():
     assert budget - 2 * (2 * 4 * 8 * 2 * 4) <= kv_pool.pool.total_bytes() <= budget
     assert allocator.size == 4 * full, f"logical slots {allocator.size} for ratio 0.25"
     assert kv_pool.method == "snapkv"
+
+
+def test_settle_makes_the_remaining_reservation_exact_and_reports_the_change():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    a = make_allocator(seed)
+    G = a.pool.num_groups
+    need = [rng.randint(20, 60) for _ in range(G)]
+    a.reserve("x", need)
+    a.bind_reservation("x", 3)
+    new = a.alloc(rng.randint(10, 19))
+    a.begin_extend([3], [new[:0]], [new])
+    held = [n - k for n, k in zip(need, a.kept(new.numel()), strict=True)]
+    assert list(a.reserved()) == held, f"seed {seed}: {a.reserved()} after consuming, not {held}"
+    target = [rng.randint(0, 80) for _ in range(G)]
+    change = a.settle("x", 3, target)
+    assert list(change) == [t - h for t, h in zip(target, held, strict=True)], (
+        f"seed {seed}: settling {held} to {target} reported {change}"
+    )
+    assert list(a.reserved()) == target and a.pending == {}, f"seed {seed}: {a.reserved()}"
+    assert a.settle("y", None, target) == tuple(target) and a.pending == {"y": target}, (
+        f"seed {seed}: a request without a row settles into pending, got {a.pending}"
+    )
+    a.release_row(3)
+    a.drop_pending("y")
+    assert a.reserved() == (0,) * G
+
+
+def test_allocation_beyond_a_reservation_is_counted_as_overdrawn():
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    a = make_allocator(seed)
+    G = a.pool.num_groups
+    n = rng.randint(10, 40)
+    short = [k - 1 for k in a.kept(n)]
+    a.reserve("x", short)
+    a.bind_reservation("x", 1)
+    new = a.alloc(n)
+    a.begin_extend([1], [new[:0]], [new])
+    assert a.overdrawn.tolist() == [1] * G, f"seed {seed}: overdrawn {a.overdrawn.tolist()}"
+    a.begin_decode([1], a.alloc(1))
+    assert a.describe()["overdrawn"] == [2] * G, f"seed {seed}: {a.describe()['overdrawn']}"
+    assert a.reserved() == (0,) * G, "an overdrawn row must not reserve negative slots"
+
+
+def test_request_table_is_as_wide_as_the_largest_group_not_the_context():
+    model = ModelIdentity("test", 2, 8, 4, 8, "w")
+    full = random.randint(200, 400)
+    kv_pool, allocator = build_tangram_pools(
+        uniform_profile(model, 1.0), None, "snapkv", full, torch.float32, "cpu", 4, 32_768
+    )
+    pool = kv_pool.pool
+    width = max(pool.slots)
+    assert pool.req_to_slot.shape == (1, 5, width), (
+        f"req_to_slot is {tuple(pool.req_to_slot.shape)} for groups of {pool.slots} slots"
+    )
+    new = allocator.alloc(width)  # a row may hold every slot of its group ...
+    allocator.begin_extend([1], [new[:0]], [new])
+    with pytest.raises(PoolExhausted, match=r"group 0 needs 1 slots, 0 free"):
+        allocator.begin_decode([1], allocator.alloc(1))  # ... and the group runs out first
+    narrow, _ = build_tangram_pools(
+        uniform_profile(model, 1.0), None, "snapkv", full, torch.float32, "cpu", 4, 64
+    )
+    assert narrow.pool.req_to_slot.shape[2] == 64, "a shorter context must bound the width"

@@ -7,8 +7,10 @@ radix cache, keeping everything) it must give stock's greedy tokens too. With th
 profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache
 and `/flush_cache` must return every head-group pool to its capacity; a request that can
 never fit its head groups gets an error while the server keeps serving, and no slot stays
-reserved once the conversation is done (Budget Reservation). Flag combinations we
-cannot serve must stop the server at start-up with our message, before it loads a model.
+reserved once the conversation is done (Budget Reservation). That server prefills in
+chunks of 64 tokens, so the conversation's long prompts exercise chunked prefill: no
+chunk may allocate beyond what admission reserved. Flag combinations we cannot serve must
+stop the server at start-up with our message, before it loads a model.
 Six server starts in all; the four that serve start side by side.
 """
 
@@ -27,8 +29,10 @@ pytestmark = pytest.mark.server
 VOCAB = 1024
 NEW_TOKENS = 12
 SHIPPED_PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
-# The ragged pools keep one request table per head group: few request rows keep it small.
+# The ragged pools keep one request table per head group ([groups, rows, largest group]):
+# few request rows keep it small.
 COMPRESSED = ("--max-running-requests", "16")
+CHUNK = 64  # --chunked-prefill-size of the compressed conversation's server
 
 
 def _workload(seed: int) -> dict:
@@ -163,6 +167,8 @@ def transcripts(model_dir, tmp_path_factory):
                 str(SHIPPED_PROFILE),
                 "--tangram-ratio",
                 "0.25",
+                "--chunked-prefill-size",
+                str(CHUNK),
                 *COMPRESSED,
             ],
             attention=None,
@@ -173,6 +179,7 @@ def transcripts(model_dir, tmp_path_factory):
             _transcript(servers[name], work) for name in ("stock", "plugin", "uniform-1.0")
         )
         conversation = _conversation(servers["tangram-0.25"], seed)
+        conversation["log"] = servers["tangram-0.25"].log()
     return seed, work, stock, plugin, uniform, conversation
 
 
@@ -282,6 +289,25 @@ def test_reservations_return_to_zero_when_the_conversation_is_done(transcripts):
             f"seed {seed}: {name}: {state['reserved_requests']} request(s) still reserve "
             f"{state['reserved']} group slots with nothing running"
         )
+
+
+def test_chunked_prefill_never_allocates_beyond_the_reservation(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    first_prompt = conversation["turns"][0][0]
+    assert first_prompt > CHUNK, f"seed {seed}: the first turn ({first_prompt}) was not chunked"
+    held = conversation["held"]
+    assert held["overdrawn"] == [0] * len(held["slots"]), (
+        f"seed {seed}: the conversation (chunks of {CHUNK}) allocated {held['overdrawn']} "
+        "group slots beyond what admission reserved"
+    )
+    log = conversation["log"]
+    assert "not the planned" not in log, (
+        f"seed {seed}: a chunk left admission's plan:\n{log[-3000:]}"
+    )
+    assert "Memory leak" not in log and "memory leak" not in log, (
+        f"seed {seed}: the idle leak check fired:\n{log[-3000:]}"
+    )
+    assert "request tables (req_to_slot [" in log, "the start-up log does not state the table bytes"
 
 
 def test_sglang_frontend_multi_turn_program_reuses_compressed_turns(transcripts):

@@ -180,3 +180,80 @@ def test_twin_requests_adopt_the_first_insert_and_straddling_ones_keep_their_own
     assert match(cache, longer.origin_input_ids).device_indices.numel() == 25
     cache.evict(EvictParams(num_tokens=10**9))
     assert allocator.pool.free_slots() == start, f"seed {seed}: slots leaked"
+
+
+def test_incremental_evictable_group_slots_equal_a_full_walk_on_random_traces():
+    """The O(1) per-group evictable count (kept up to date on insert, split, lock, unlock
+    and evict) equals a walk of the tree after every step of a random multi-turn trace
+    with requests in flight, shared prefixes and partial evictions."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=800)
+    conversations = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(3)]
+    live, rows = [], list(range(1, 9))
+
+    def check(step, what):
+        counted, walked = cache.evictable_group_slots(), cache.recount_evictable_group_slots()
+        assert counted == walked, (
+            f"seed {seed} step {step} after {what}: counted {counted} evictable group slots, "
+            f"a walk finds {walked}"
+        )
+
+    for step in range(80):
+        op = rng.random()
+        if op < 0.4 and rows:
+            c = rng.randrange(len(conversations))
+            cut = rng.randint(1, len(conversations[c]))
+            tokens = conversations[c][:cut] + [
+                rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))
+            ]
+            live.append((c, Turn(cache, allocator, tokens, rows.pop())))
+            check(step, "a match, lock and extend")
+        elif op < 0.6 and live:
+            rng.choice(live)[1].decode(rng, rng.randint(1, 6))
+            check(step, "decoding")
+        elif op < 0.85 and live:
+            c, turn = live.pop(rng.randrange(len(live)))
+            turn.finish()
+            rows.append(turn.row)
+            conversations[c] = turn.tokens if len(turn.tokens) < 120 else turn.tokens[:20]
+            check(step, "an insert and unlock")
+        else:
+            cache.evict(EvictParams(num_tokens=rng.randint(1, 60)))
+            check(step, "an eviction")
+    for _, turn in live:
+        turn.finish()
+    check("end", "finishing every request")
+    cache.evict(EvictParams(num_tokens=10**9))
+    assert cache.evictable_group_slots() == (0,) * allocator.pool.num_groups, (
+        f"seed {seed}: an empty tree still counts {cache.evictable_group_slots()} group slots"
+    )
+
+
+def test_a_request_keeps_its_own_slots_when_the_cached_ones_cost_more():
+    """Another request cached the same tokens decoded one by one (a slot per token in
+    every group); a request that computed them as one compressed segment must not swap
+    its slots for those: that would lock more than it frees and shrink the room
+    admission promised to others."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    first = Turn(cache, allocator, [rng.randrange(VOCAB) for _ in range(10)], 1)
+    first.decode(rng, 31)
+    first.finish()  # cached: the 10-token segment and 30 one-token segments
+    tokens = first.tokens[:40]
+    req = unfinished_req(cache, allocator, tokens, 2)  # the same 40 tokens, one segment
+    theirs = allocator.group_counts(match(cache, tokens).device_indices).tolist()
+    mine = allocator.group_counts(req.own).tolist()
+    room = allocator.room(cache.evictable_group_slots())
+    cache.cache_unfinished_req(req)
+    assert torch.equal(req.prefix_indices, req.own), (
+        f"seed {seed}: the request adopted cached slots costing {theirs} for its own {mine}"
+    )
+    after = allocator.room(cache.evictable_group_slots())
+    assert all(a >= b for a, b in zip(after, room, strict=True)), (
+        f"seed {seed}: caching the request shrank the room from {room} to {after}"
+    )
+    cache.cache_finished_req(req, kv_len_to_handle=len(tokens))
+    allocator.release_row(2)
+    assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"
