@@ -125,7 +125,7 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=("${fp32[@]}" SGLANG_PLUGINS=none-stock-sglang)  # stock: our plugin not loaded
       # No graphs for stock: its prefill graphs capture 58 sizes, slow with native fp32 ops.
       if serve stock-fp32 "$MODEL" --skip-tokenizer-init --dtype float32 \
-          --attention-backend "${STOCK_BACKEND:-triton}" --disable-cuda-graph \
+          --attention-backend "${STOCK_BACKEND:-triton}" --disable-decode-cuda-graph \
           --disable-prefill-cuda-graph; then
         check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock.json"
         halt stock-fp32
