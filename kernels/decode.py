@@ -74,9 +74,9 @@ class DecodeLaunch:
     the merge's chunk width; programmatic dependent launch (`pdl`, ignored where the GPU
     or the interpreter cannot do it); grid order (`batch_fastest`: the grid is (batch,
     work items), so CTAs start item by item across all requests and the table's heaviest
-    splits start first for every request, not only for the first ones). The default is
-    the launch of the fastest variant measured on an H100 (bench/kernels.py variant sweep,
-    2026-11-23); the sweep's newer variants are measured against it."""
+    splits start first for every request, not only for the first ones). The field
+    defaults are the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is
+    the overall fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -97,7 +97,7 @@ class DecodeLaunch:
             raise ValueError(f"num_warps {self.num_warps} / num_stages {self.num_stages} invalid")
 
 
-DEFAULT_LAUNCH = DecodeLaunch()
+DEFAULT_LAUNCH = DecodeLaunch(num_stages=3, pdl=True, batch_fastest=True)
 
 
 @functools.cache

@@ -10,7 +10,8 @@
 #       local tiny tokenizer and its vocabulary) reuses its earlier turns.
 #   A phase "gputests" (first, if named) runs the compiled backend/CUDA-graph tests.
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
-# Knobs: PHASES ("greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
+# Phase "sessions-stock" (not in the default list) runs the sessions on stock SGLang.
+# Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3).
 # CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
@@ -151,6 +152,20 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         grep -E "tangram" "$OUT/server-tangram-r0.25.log" | grep -i -E "sessions|bytes|group" | cut -c1-300 | head -6
         halt tangram-r0.25
       fi ;;
+    sessions-stock)  # the same sessions on stock SGLang (full KV), for a side-by-side
+      rc=1
+      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+      if serve stock-sessions "$MODEL" --skip-tokenizer-init \
+          --attention-backend "${STOCK_BACKEND:-triton}" \
+          --max-running-requests "$((${SESSIONS:-200} + 56))"; then
+        check sessions --url "$URL" --out "$OUT/sessions-stock.json" --vocab "$VOCAB" \
+          --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
+          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}"
+        rc=$?
+        grep -E "max_total_num_tokens|KV Cache is allocated" "$OUT/server-stock-sessions.log" | cut -c1-200 | head -3
+        halt stock-sessions
+      fi
+      SERVER_ENV=() ;;
     frontend)
       rc=1
       if serve tangram-text "$TEXT_MODEL" --kv-compression tangram \
