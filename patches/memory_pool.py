@@ -13,7 +13,9 @@ import msgspec
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
+from tangram_sglang.budget import Workload
 from tangram_sglang.config import ConfigError, TangramConfig
+from tangram_sglang.planner import serving_sessions
 
 from . import Hook
 
@@ -52,6 +54,20 @@ def init_pools(
         max_context=table.shape[1],
     )
     pool = kv_pool.pool
+    workload = Workload(context=max(256, min(8192, pool.max_context // 2)))
+    full, tangram = serving_sessions(
+        pool.slots, pool.layout.ratios, allocator.rule, sizes.max_total_num_tokens, workload
+    )
+    logger.info(
+        "tangram: sessions that fit at once (%d turns: a %d-token first prompt, %d user + %d "
+        "answer tokens per turn): %d at full KV, %d in the head-group pools",
+        workload.turns,
+        workload.context,
+        workload.user_tokens,
+        workload.answer_tokens,
+        full,
+        tangram,
+    )
     logger.info(
         "tangram: %s KV bytes for %d full-KV tokens -> %d logical slots; %s; request tables "
         "(req_to_slot [%d, %d, %d] int32 + group_lens) %s bytes",

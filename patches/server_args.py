@@ -74,8 +74,8 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tangram-ratio",
         type=float,
-        help="Target kept ratio in (0, 1]. tangram: scales the profile (default: as "
-        "calibrated); uniform: required.",
+        help="Target kept ratio in (0, 1]. tangram: moves the profile's mean budget, keeping "
+        "its head ranking; 1.0 keeps every token (default: as calibrated); uniform: required.",
     )
     group.add_argument(
         "--tangram-method",

@@ -9,6 +9,7 @@ same functions `RaggedPool` sizes itself with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tangram_sglang.budget import BudgetRule, Workload, session_slots
@@ -44,6 +45,20 @@ def _single_group_row(
 ) -> PlanRow:
     per_session = session_slots(turns, [ratio], rule)[0] * layout.full_token_bytes(dtype_bytes)
     return PlanRow(name, per_session, budget // per_session)
+
+
+def serving_sessions(
+    pool_slots: Sequence[int],
+    ratios: Sequence[float],
+    rule: BudgetRule,
+    full_tokens: int,
+    workload: Workload,
+) -> tuple[int, int]:
+    """Sessions of `workload` that fit at once in the same KV bytes: at full KV
+    (`full_tokens` slots, one per token) and in the head-group pools (`pool_slots`)."""
+    turns = workload.turn_shapes()
+    full = full_tokens // session_slots(turns, [1.0], rule)[0]
+    return full, sessions_that_fit(pool_slots, session_slots(turns, ratios, rule))
 
 
 def capacity_plan(

@@ -17,6 +17,7 @@ Six server starts in all; the four that serve start side by side.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import requests
@@ -308,6 +309,10 @@ def test_chunked_prefill_never_allocates_beyond_the_reservation(transcripts):
         f"seed {seed}: the idle leak check fired:\n{log[-3000:]}"
     )
     assert "request tables (req_to_slot [" in log, "the start-up log does not state the table bytes"
+    fit = re.search(r"sessions that fit at once .*: (\d+) at full KV, (\d+) in the head-group", log)
+    assert fit, "the start-up log does not state the sessions that fit"
+    full, tangram = map(int, fit.groups())
+    assert tangram > full > 0, f"at 0.25 the pools fit {tangram} sessions, full KV {full}"
 
 
 def test_sglang_frontend_multi_turn_program_reuses_compressed_turns(transcripts):

@@ -10,7 +10,7 @@ import pytest
 from tangram_sglang.__main__ import main
 from tangram_sglang.budget import BudgetRule, Workload, session_slots
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.planner import capacity_plan
+from tangram_sglang.planner import capacity_plan, serving_sessions
 from tangram_sglang.profile import ModelIdentity, Profile, uniform_profile
 from tangram_sglang.synthetic import synthetic_profile
 
@@ -112,3 +112,21 @@ def test_synthetic_command_writes_a_profile_for_the_model(tmp_path, capsys):
         main(["synthetic", "--model-path", str(tmp_path), "--ratio", "0.3", "--out", str(out)]) == 2
     )
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_serving_sessions_compare_the_same_bytes():
+    rule = BudgetRule(sink=4, window=32)
+    workload = Workload(context=2048, turns=3, user_tokens=128, answer_tokens=64)
+    full_tokens = 100_000
+    full_layout = PoolLayout.from_profile(uniform_profile(MODEL, 1.0))
+    demand = session_slots(workload.turn_shapes(), full_layout.ratios, rule)
+    slots = full_layout.pool_slots(full_tokens * full_layout.full_token_bytes(2), demand, 2, 1)
+    full, same = serving_sessions(slots, full_layout.ratios, rule, full_tokens, workload)
+    assert full == same == full_tokens // workload.raw_tokens
+    profile = synthetic_profile(MODEL, 0.25)
+    layout = PoolLayout.from_profile(profile)
+    demand = session_slots(workload.turn_shapes(), layout.ratios, rule)
+    slots = layout.pool_slots(full_tokens * layout.full_token_bytes(2), demand, 2, 1)
+    full, tangram = serving_sessions(slots, layout.ratios, rule, full_tokens, workload)
+    assert tangram > full, f"at 0.25 the pools fit {tangram} sessions, full KV {full}"
+    assert all(s >= tangram * d for s, d in zip(slots, demand, strict=True))
