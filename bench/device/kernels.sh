@@ -34,11 +34,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 
 # tangram_sglang as installed: kernels/ -> tangram_sglang.kernels (pyproject package-dir).
-SRC=/tmp/tangram-src
-rm -rf "$SRC" && mkdir -p "$SRC/tangram_sglang"
-for f in "$REPO"/tangram_sglang/*; do ln -s "$f" "$SRC/tangram_sglang/"; done
-for d in kernels patches profiles; do ln -s "$REPO/$d" "$SRC/tangram_sglang/$d"; done
-export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+eval "$(bash bench/device/link_source.sh)" || { say "linking the source failed"; exit 1; }
 # A neutral working folder: the repository root would put its own kernels/ on sys.path.
 WORK=/tmp/kernels-work
 mkdir -p "$WORK" && cd "$WORK" || exit 1
