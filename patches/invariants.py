@@ -7,10 +7,14 @@ free + slots mapped from logical slots == capacity, no slot mapped twice or both
 and free. With nothing running, no group slot may stay reserved (Budget Reservation
 released every finished, aborted or retracted request), and the radix tree's incremental
 evictable group-slot count must equal a full walk.
+
+SGLang runs this on every pass of its idle loop; the per-slot walk of `leaks()` runs only
+when the pools changed since the last clean check (`_CLEAN`, keyed by a cheap signature).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
@@ -32,8 +36,32 @@ def check_all_pools(original: Any, self: Any, ps: Any, uncached: int = 0) -> Any
     leak, message = self._check_pool_invariant(
         "logical", available, evictable, protected, session, allocator.size, uncached
     )
-    problems = [*allocator.leaks(), *idle_problems(allocator, self.tree_cache)]
+    problems = [*pool_leaks(allocator, self.tree_cache), *idle_problems(allocator, self.tree_cache)]
     return leak or bool(problems), [message, *problems]
+
+
+# Allocator -> the pool signature of its last clean `leaks()` walk.
+_CLEAN: weakref.WeakKeyDictionary[TangramAllocator, tuple] = weakref.WeakKeyDictionary()
+
+
+def pool_leaks(allocator: TangramAllocator, tree_cache: Any) -> list[str]:
+    """`allocator.leaks()`, skipped while nothing changed since a clean walk: free counts
+    per group and of the logical space, reservations and the tree's sizes did not move."""
+    signature = (
+        allocator.logical_available_size(),
+        allocator.pool.free_slots(),
+        tuple(int(r) for r in allocator.reserved()),
+        tree_cache.evictable_size(),
+        tree_cache.protected_size(),
+    )
+    if _CLEAN.get(allocator) == signature:
+        return []
+    problems = allocator.leaks()
+    if problems:
+        _CLEAN.pop(allocator, None)
+    else:
+        _CLEAN[allocator] = signature
+    return problems
 
 
 def idle_problems(allocator: TangramAllocator, tree_cache: Any) -> list[str]:

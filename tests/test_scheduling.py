@@ -24,7 +24,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParam
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from tangram_sglang.patches.invariants import idle_problems
+from tangram_sglang.patches.invariants import idle_problems, pool_leaks
 from test_admission import make_req, plugin_hooks  # noqa: F401  (the fixture)
 from test_allocator import RULE
 
@@ -441,3 +441,25 @@ def test_idle_check_names_a_leftover_reservation_and_a_drifted_count():
     cache.evict(EvictParams(num_tokens=1))
     problems = idle_problems(allocator, cache)
     assert len(problems) == 1 and "evictable group slots, a walk" in problems[0], problems
+
+
+def test_the_idle_pool_walk_runs_again_only_after_the_pools_change(monkeypatch):
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=500)
+    sched = MiniScheduler(cache, allocator, None, rng)
+    walks = []
+    real = allocator.leaks
+    monkeypatch.setattr(allocator, "leaks", lambda: walks.append(1) or real())
+    assert pool_leaks(allocator, cache) == [] and pool_leaks(allocator, cache) == []
+    assert len(walks) == 1, f"seed {seed}: an unchanged idle pool was walked {len(walks)} times"
+    sched.submit(make_req("a", random_tokens(rng, 30), 3))
+    run_until_idle(sched)
+    assert pool_leaks(allocator, cache) == [], f"seed {seed}"
+    assert len(walks) == 2, f"seed {seed}: the pools changed but were not walked again"
+    allocator.pool.allocators[0].alloc(1)  # a group slot taken outside the mapping: a leak
+    problems = pool_leaks(allocator, cache)
+    assert len(walks) == 3 and any("group 0" in p for p in problems), (
+        f"seed {seed}: a leaked group slot went unreported: {problems}"
+    )
+    assert pool_leaks(allocator, cache) == problems and len(walks) == 4, "a leak must stay reported"
