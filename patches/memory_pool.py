@@ -13,7 +13,7 @@ import msgspec
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
-from tangram_sglang.budget import Workload
+from tangram_sglang.budget import serving_workload
 from tangram_sglang.config import ConfigError, TangramConfig
 from tangram_sglang.planner import serving_sessions
 
@@ -43,6 +43,7 @@ def init_pools(
     _check_model(profile, self)
     req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=sizes.max_running_requests)
     table = req_to_token_pool.req_to_token
+    workload = serving_workload(table.shape[1])
     kv_pool, allocator = build_tangram_pools(
         profile,
         config.ratio,
@@ -52,15 +53,16 @@ def init_pools(
         device=self.device,
         max_requests=table.shape[0] - 1,
         max_context=table.shape[1],
+        workload=workload,
     )
     pool = kv_pool.pool
-    workload = Workload(context=max(256, min(8192, pool.max_context // 2)))
     full, tangram = serving_sessions(
         pool.slots, pool.layout.ratios, allocator.rule, sizes.max_total_num_tokens, workload
     )
     logger.info(
         "tangram: sessions that fit at once (%d turns: a %d-token first prompt, %d user + %d "
-        "answer tokens per turn): %d at full KV, %d in the head-group pools",
+        "answer tokens per turn; the pools are split for them): %d at full KV, %d in the "
+        "head-group pools",
         workload.turns,
         workload.context,
         workload.user_tokens,

@@ -46,7 +46,13 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 
-from tangram_sglang.budget import BudgetRule, kept_tokens
+from tangram_sglang.budget import (
+    BudgetRule,
+    Workload,
+    kept_tokens,
+    serving_workload,
+    session_slots,
+)
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import PoolExhausted, RaggedPool
 from tangram_sglang.profile import Profile
@@ -522,13 +528,17 @@ def build_tangram_pools(
     device: str | torch.device,
     max_requests: int,
     max_context: int,
+    workload: Workload | None = None,
 ) -> tuple[TangramKVPool, TangramAllocator]:
     """The pools for the KV bytes SGLang sized for `full_tokens` uncompressed tokens.
 
-    The bytes are split over the head groups so they run out together at the group
-    ratios; the logical space holds as many raw tokens as the most compressed group could
-    represent (full tokens / smallest ratio, at most `LOGICAL_CAP` times full), since
-    admission counts raw tokens against `available_size` (the scarcest group).
+    The bytes are split over the head groups so that they run out together for sessions
+    of `workload` (default `serving_workload(max_context)`): decoded tokens cost a slot
+    in every group, so a split by the group ratios alone would starve the most compressed
+    group first in a chat. The logical space holds as many raw tokens as the most
+    compressed group could represent (full tokens / smallest ratio, at most `LOGICAL_CAP`
+    times full), since admission counts raw tokens against `available_size` (the scarcest
+    group).
     `req_to_slot` is `[G, max_requests + 1, width]` with width the smaller of
     `max_context` and the largest group: a row holds distinct slots of its group, so it
     never holds more than the group has (SGLang's context length is often far longer).
@@ -536,10 +546,11 @@ def build_tangram_pools(
     layout = PoolLayout.from_profile(profile, ratio)
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = full_tokens * layout.full_token_bytes(nbytes)
-    slots = layout.pool_slots(budget, layout.ratios, nbytes)
+    rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)
+    shapes = (workload or serving_workload(max_context)).turn_shapes()
+    slots = layout.pool_slots(budget, session_slots(shapes, layout.ratios, rule), nbytes)
     width = max(1, min(max_context, max(slots)))
     pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
     logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
-    rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)
     return kv_pool, TangramAllocator(logical, kv_pool, rule)

@@ -107,3 +107,9 @@ class Workload:
     @property
     def raw_tokens(self) -> int:
         return sum(n + a for n, a in self.turn_shapes())
+
+
+def serving_workload(max_context: int) -> Workload:
+    """The session shape a server's pools are split for (and its start-up log counts): a
+    4-turn chat whose first prompt is half the context, at most 8K tokens."""
+    return Workload(context=max(256, min(8192, max_context // 2)))

