@@ -59,25 +59,8 @@ EOF
 
 say "== model config -> $MODEL_DIR"
 mkdir -p "$MODEL_DIR"
-"$PY" - "$MODEL_DIR" "${MODEL_SHAPE:-qwen3-4b}" <<'EOF'
-import json, sys
-cfg = {  # Qwen3-4B shape; weights are random (--load-format dummy)
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-    "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000,
-    "rope_scaling": None, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-    "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-    "use_sliding_window": False, "sliding_window": None, "max_window_layers": 36,
-    "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16",
-    "bos_token_id": 151643, "eos_token_id": 151645,
-}
-if sys.argv[2] == "tiny":  # CPU dry runs of this script only
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, vocab_size=1024, torch_dtype="float32",
-               bos_token_id=1, eos_token_id=2)
-json.dump(cfg, open(sys.argv[1] + "/config.json", "w"), indent=1)
-EOF
+"$PY" "$REPO/bench/device/model_config.py" "$MODEL_DIR" --shape "${MODEL_SHAPE:-qwen3-4b}" \
+  || { say "model config failed"; exit 1; }
 
 RESULTS=$OUT/results.json
 : > "$RESULTS"
