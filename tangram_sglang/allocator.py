@@ -8,16 +8,22 @@ allocator keeps a second index space the same way). `TangramAllocator` owns
 - the `RaggedPool` (its group allocators hand out group slots, its storage holds the
   K/V, its `req_to_slot`/`group_lens` are the per-request group page tables, rows =
   SGLang's `req_pool_idx`),
-- per group `logical_to_group[g]` (0 = none), and per logical slot the segment it
-  belongs to (`seg_id`, `seg_pos`, `seg_len`).
+- per group `logical_to_group[g]` (0 = none), and per logical slot its position in its
+  segment (`seg_pos`).
 
-A *segment* is one request's extend chunk (or one decoded token). A compressed segment
-of n tokens whose group g keeps k_g maps its LAST k_g logical slots to those group slots
-in order, the others to 0; an uncompressed one maps 1:1. A group slot is a compressed
-*position* whose content differs per head, so a segment is only usable whole: prefixes
-are valid only up to the last complete segment (`valid_prefix_len`). Group slots are
-owned by their logical slots: `free(logical)` frees them in every group (SWA's
-`free_swa` pattern), and a request row only points at them.
+A *segment* is one request's extend chunk (or one decoded token). An uncompressed segment
+maps its logical slots 1:1. A compressed segment of n tokens whose group g keeps k_g maps
+each of its k_g group slots to one *owner* logical slot: group slot j holds, for every
+(layer, member head), that head's j-th kept token, and its owner is the latest of those
+tokens' positions. At allocation the owners are the last k_g logical slots (the latest
+any j-th kept token can be); after the forward the backend moves them to the positions
+its selections actually kept (`assign_owners`). Owners increase with j, so the logical
+slots before any cut m own exactly group slots [0, C_g[m]), each holding only tokens
+before m for every head and layer: every prefix of a segment is a causally valid,
+lossy prefix, and a radix match may end anywhere. Group slots are owned by their logical
+slots: `free(logical)` frees them in every group (SWA's `free_swa` pattern), and a
+request row only points at them. `seg_pos` marks where each segment starts (the radix
+cache inserts a request's values only where its own segment starts).
 
 Budget Reservation (invariant "reserved == used"): admission (`tangram_sglang.admission`)
 reserves each request's exact per-group need under its request id (`reserve`); once SGLang
@@ -68,7 +74,8 @@ class ExtendSegment:
 
     `prefix_lens[g]`: group slots of the row before this segment (what the new tokens
     attend to); `slots[g]`: the segment's group slots (k_g of them, in order); `compress`:
-    whether the backend selects tokens (else it writes every token to every group).
+    whether the backend selects tokens (else it writes every token to every group), and
+    then reports where each group slot's tokens lie (`TangramAllocator.assign_owners`).
     """
 
     row: int
@@ -76,6 +83,7 @@ class ExtendSegment:
     compress: bool
     prefix_lens: tuple[int, ...]
     slots: tuple[torch.Tensor, ...]
+    logical: torch.Tensor  # the segment's logical slots
 
     @property
     def kept(self) -> tuple[int, ...]:
@@ -159,14 +167,11 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.logical = TokenToKVPoolAllocator(size, pool.dtype, str(pool.device), None, need_sort)
         G, device = pool.num_groups, pool.device
         self.logical_to_group = torch.zeros((G, size + 1), dtype=torch.int64, device=device)
-        self.seg_id = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.seg_pos = torch.zeros(size + 1, dtype=torch.int64, device=device)
-        self.seg_len = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.row_reserved = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.pending: dict[str, list[int]] = {}  # reservations of requests without a row
         self.overdrawn = torch.zeros(G, dtype=torch.int64)  # allocated beyond reservations
-        self._next_segment = 1
         self.clear()
 
     # ---- SGLang's allocator interface (logical slots) --------------------------------
@@ -201,9 +206,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.logical.clear()
         self.pool.clear()
         self.logical_to_group.zero_()
-        self.seg_id.zero_()
         self.seg_pos.zero_()
-        self.seg_len.zero_()
         self.row_lens.zero_()
         self.row_reserved.zero_()
         self.pending.clear()
@@ -217,20 +220,6 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     # ---- segments --------------------------------------------------------------------
 
-    def valid_prefix_len(self, logical: torch.Tensor) -> int:
-        """Length of the longest prefix of `logical` made of complete, contiguous segments."""
-        n = int(logical.numel())
-        if n == 0:
-            return 0
-        index = logical.to(device=self.seg_id.device, dtype=torch.int64)
-        sid, pos, length = self.seg_id[index], self.seg_pos[index], self.seg_len[index]
-        ok = pos == 0
-        ok[1:] |= (sid[1:] == sid[:-1]) & (pos[1:] == pos[:-1] + 1)
-        bad = (~ok).nonzero()
-        limit = int(bad[0]) if bad.numel() else n
-        ends = (pos[:limit] + 1 == length[:limit]).nonzero()
-        return int(ends[-1]) + 1 if ends.numel() else 0
-
     def starts_segment(self, logical: torch.Tensor, at: int) -> bool:
         """Whether position `at` of `logical` is the first token of a segment (or the end)."""
         return at >= logical.numel() or int(self.seg_pos[int(logical[at])]) == 0
@@ -242,16 +231,30 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
     def _new_segments(self, logical: torch.Tensor, lengths: Sequence[int]) -> None:
         """Record consecutive segments of `lengths` over `logical` (concatenated)."""
         lens = torch.as_tensor(list(lengths), dtype=torch.int64)
-        ids = torch.arange(self._next_segment, self._next_segment + len(lens))
-        self._next_segment += len(lens)
         starts = torch.cumsum(lens, 0) - lens
-        index = logical.to(device=self.seg_id.device, dtype=torch.int64)
-        total = int(lens.sum())
-        self.seg_id[index] = ids.repeat_interleave(lens).to(self.seg_id.device)
-        self.seg_pos[index] = (torch.arange(total) - starts.repeat_interleave(lens)).to(
-            self.seg_pos.device
-        )
-        self.seg_len[index] = lens.repeat_interleave(lens).to(self.seg_len.device)
+        positions = torch.arange(int(lens.sum())) - starts.repeat_interleave(lens)
+        index = logical.to(device=self.seg_pos.device, dtype=torch.int64)
+        self.seg_pos[index] = positions.to(self.seg_pos.device)
+
+    def assign_owners(self, segment: ExtendSegment, owners: Sequence[torch.Tensor | None]) -> None:
+        """After the forward of compressed `segment`: per group, `owners[g]` `[k_g]` holds
+        for each group slot the latest position (within the segment) of the tokens the
+        group's heads keep there over all layers (None: leave the group as allocated).
+        Each group slot moves to the logical slot at that position; the set of group slots
+        a segment holds is unchanged, only which of its logical slots own them."""
+        index = segment.logical.to(self.logical_to_group.device).long()
+        for g, (slots, owner) in enumerate(zip(segment.slots, owners, strict=True)):
+            if owner is None or slots.numel() == 0:
+                continue
+            if owner.numel() != slots.numel():
+                raise ValueError(
+                    f"assign_owners(row {segment.row}): group {g} got {owner.numel()} owners "
+                    f"for {slots.numel()} group slots"
+                )
+            self.logical_to_group[g, index] = 0
+            self.logical_to_group[g, index[owner.to(index.device).long()]] = slots.to(
+                self.logical_to_group.device
+            )
 
     # ---- group rows ------------------------------------------------------------------
 
@@ -437,6 +440,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                     compress=any(c < n for c in k),
                     prefix_lens=tuple(int(p.numel()) for p in prefix_slots),
                     slots=tuple(slots),
+                    logical=logical,
                 )
             )
         state = ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))

@@ -10,6 +10,11 @@ is compressed, the configured scorer scores the new tokens (post-RoPE q/k/v) and
 `select` keeps exactly each group's budget per head (`write_selected`); otherwise every
 token goes to every group.
 
+After the last layer, each compressed segment's group slots are re-owned (`KeptOwners`,
+`TangramAllocator.assign_owners`): group slot j moves to the logical slot of the latest
+token any layer's member head keeps there, so a radix match that ends inside the segment
+reuses exactly the group slots that hold only earlier tokens.
+
 Decode: the token's K/V go to its new slot in every group, then each head attends over
 its group's slots (`reference.ragged_decode` semantics).
 
@@ -128,6 +133,31 @@ class _ExtendBatch:
     prefix_lens: torch.Tensor  # [G, R+1] int32: the batch rows' prefix lengths
     slots: tuple[torch.Tensor, ...]  # per group, the segments' slots concatenated
     starts: tuple[int, ...]  # first token of each segment
+
+
+class KeptOwners:
+    """Per compressed segment of an extend forward and per group, the running maximum over
+    layers and member heads of the position each group slot's kept token has (what
+    `TangramAllocator.assign_owners` needs once the last layer has selected)."""
+
+    def __init__(self, segments: Sequence[ExtendSegment], num_groups: int) -> None:
+        self.segments = segments
+        self.owners: list[list[torch.Tensor | None]] = [[None] * num_groups for _ in segments]
+
+    def update(self, index: int, members: Sequence[Sequence[int]], chosen) -> None:
+        """Segment `index` kept `chosen[h]` (ascending positions) for kv head h in a layer
+        whose group g holds kv heads `members[g]`."""
+        owners = self.owners[index]
+        for g, heads in enumerate(members):
+            if not heads:
+                continue
+            latest = torch.stack([chosen[h] for h in heads]).amax(0)
+            owners[g] = latest if owners[g] is None else torch.maximum(owners[g], latest)
+
+    def apply(self, allocator: TangramAllocator) -> None:
+        for segment, owners in zip(self.segments, self.owners, strict=True):
+            if segment.compress:
+                allocator.assign_owners(segment, owners)
 
 
 class DecodeGraphInputs:
@@ -299,6 +329,7 @@ class TangramAttnBackend(AttentionBackend):
         self.allocator = allocator
         self.scorer = SCORERS[method or kv_pool.method]()
         self.state: ForwardState | None = None
+        self.owners: KeptOwners | None = None
         layout = self.pool.layout
         # Per layer, per group: kv heads stored there (ascending); per layer, head -> group.
         self.members = [
@@ -330,6 +361,7 @@ class TangramAttnBackend(AttentionBackend):
         expected = "decode" if mode.is_decode() else "extend"
         rows = tuple(int(r) for r in forward_batch.req_pool_indices.tolist())
         self.state = self._take_state(expected, rows)
+        self.owners = KeptOwners(self.state.segments, self.pool.num_groups)
         if self.triton is not None:
             self.triton.stage(self.state)
 
@@ -413,14 +445,18 @@ class TangramAttnBackend(AttentionBackend):
         if self.triton is not None:
             out = self.triton.extend(q_, k_, v_, layer)
             self._store_batch(q_, k_, v_, layer.layer_id)
-            return out.reshape(q_.shape[0], -1)
-        out = _new_output(q_)
-        start = 0
-        for segment in self.state.segments:
-            tokens = slice(start, start + segment.extend_len)
-            start += segment.extend_len
-            out[tokens] = self._extend_attention(q_[tokens], k_[tokens], v_[tokens], layer, segment)
-            self._store_segment(q_[tokens], k_[tokens], v_[tokens], layer.layer_id, segment)
+        else:
+            out = _new_output(q_)
+            start = 0
+            for index, segment in enumerate(self.state.segments):
+                tokens = slice(start, start + segment.extend_len)
+                start += segment.extend_len
+                out[tokens] = self._extend_attention(
+                    q_[tokens], k_[tokens], v_[tokens], layer, segment
+                )
+                self._store_segment(q_[tokens], k_[tokens], v_[tokens], layer.layer_id, index)
+        if layer.layer_id == self.pool.num_layers - 1:
+            self.owners.apply(self.allocator)
         return out.reshape(q_.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -483,18 +519,23 @@ class TangramAttnBackend(AttentionBackend):
             out[:, q_heads] = o.squeeze(0)[:, prefix:].movedim(1, 0)
         return out
 
-    def _selection(self, q, k, v, layer: int, segment: ExtendSegment) -> list[torch.Tensor]:
-        """Per kv head, the segment's kept token indices (exactly its group's budget)."""
+    def _selection(self, q, k, v, layer: int, index: int) -> list[torch.Tensor]:
+        """Per kv head, segment `index`'s kept token indices (exactly its group's budget),
+        also recorded for the owners of its group slots."""
+        segment = self.state.segments[index]
         scores = self.scorer.score(q, k, v)
         kept = [segment.kept[g] for g in self.group_of[layer]]
-        return select(scores, kept, self.allocator.rule)
+        chosen = select(scores, kept, self.allocator.rule)
+        self.owners.update(index, self.members[layer], chosen)
+        return chosen
 
-    def _store_segment(self, q, k, v, layer: int, segment: ExtendSegment) -> None:
+    def _store_segment(self, q, k, v, layer: int, index: int) -> None:
         """Write the segment's K/V to its group slots: the selected tokens, or all of them."""
+        segment = self.state.segments[index]
         if not segment.compress:
             self.pool.write_tokens(layer, list(segment.slots), k, v)
             return
-        selected = self._selection(q, k, v, layer, segment)
+        selected = self._selection(q, k, v, layer, index)
         write_selected(self.pool, layer, segment.row, k, v, selected, list(segment.slots))
 
     def _store_batch(self, q, k, v, layer: int) -> None:
@@ -505,10 +546,10 @@ class TangramAttnBackend(AttentionBackend):
             self.pool.write_tokens(layer, list(batch.slots), k, v)
             return
         per_segment = []
-        for segment, start in zip(segments, batch.starts, strict=True):
+        for index, (segment, start) in enumerate(zip(segments, batch.starts, strict=True)):
             tokens = slice(start, start + segment.extend_len)
             if segment.compress:
-                chosen = self._selection(q[tokens], k[tokens], v[tokens], layer, segment)
+                chosen = self._selection(q[tokens], k[tokens], v[tokens], layer, index)
             else:
                 chosen = [torch.arange(segment.extend_len)] * len(self.group_of[layer])
             per_segment.append([c.to(k.device) + start for c in chosen])

@@ -1,21 +1,22 @@
-"""Radix cache `tangram`: SGLang's own `RadixCache` over logical slots, matching only whole
-compressed segments.
+"""Radix cache `tangram`: SGLang's own `RadixCache` over logical slots.
 
 The tree keys raw tokens and its values are `TangramAllocator`'s logical slots, so
-insert, split, lock and evict are SGLang's. Three rules keep every prefix a request
-adopts made of complete segments (a group slot is a compressed position whose content
-differs per head, so half a segment means nothing):
+match, insert, split, lock and evict are SGLang's. A match may end anywhere, also inside
+a compressed segment: the logical slots before the cut own exactly the group slots that
+hold only earlier tokens for every head and layer (the allocator's owners), so the
+request reuses that lossy prefix (fewer kept tokens than a fresh compression of it would
+keep, never a later token) and SGLang's split gives head and tail node the group slots
+their logical slots own. Two rules keep what a request adds consistent:
 
-- `match_prefix` cuts a match back to its longest valid prefix (`valid_prefix_len`) by
-  matching again with the key truncated there, so SGLang splits the node at that point.
 - `insert` of a request whose own segment straddles the end of what the tree already
   holds (two requests computed overlapping text with different segment boundaries)
   inserts nothing new and reports the whole key as present, so the caller frees the
-  request's own slots instead of hanging half a segment in the tree.
-- `cache_unfinished_req` adopts the tree's slots only when the joined prefix is valid and
-  the tree's slots cost no more, in any group, than the request's own (admission counted
-  the tree's as evictable), and then re-points the request's group rows at them (its own
-  duplicates are freed).
+  request's own slots: past the cut, such a segment's group slots may still hold, for
+  some heads, tokens the tree's prefix already holds.
+- `cache_unfinished_req` adopts the tree's slots only when the request's own values
+  join them cleanly (as above) and the tree's slots cost no more, in any group, than
+  the request's own (admission counted the tree's as evictable), and then re-points the
+  request's group rows at them (its own duplicates are freed).
 
 Eviction and duplicate frees go through `TangramAllocator.free`, which frees every group.
 Page size 1 only.
@@ -32,7 +33,6 @@ matches nor adopts cached slots from then on.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 import torch
@@ -78,14 +78,7 @@ class TangramRadixCache(RadixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         if params.req is not None and params.req in self._recompute:
             return self._empty_match_result
-        result = super().match_prefix(params)
-        matched = result.device_indices
-        valid = self.allocator.valid_prefix_len(matched)
-        if valid == matched.numel():
-            return result
-        if valid == 0:
-            return self._empty_match_result
-        return super().match_prefix(dataclasses.replace(params, key=params.key[:valid]))
+        return super().match_prefix(params)
 
     def insert(self, params: InsertParams) -> InsertResult:
         if self.disable or params.key is None or params.value is None:
@@ -211,11 +204,10 @@ class TangramRadixCache(RadixCache):
         return matched, torch.cat(values)
 
     def _joins_cleanly(self, key: RadixKey, value: torch.Tensor) -> bool:
-        """Whether taking the tree's values for the present prefix of `key` and `value` for
-        the rest leaves only complete segments on the path."""
-        present, tree_values = self._present(key)
-        if self.allocator.valid_prefix_len(tree_values) != present:
-            return False
+        """Whether `value` starts one of its segments where the tree's present prefix of
+        `key` ends (any prefix of the tree's values is valid; the request's rest must not
+        begin inside one of its own compressed segments)."""
+        present = self._present(key)[0]
         return self.allocator.starts_segment(value[: len(key)], present)
 
     def _adopting_costs_more(self, key: RadixKey, value: torch.Tensor, protected: int) -> bool:

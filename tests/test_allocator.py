@@ -1,4 +1,5 @@
-"""TangramAllocator: logical slots for SGLang, group slots behind them, whole segments only."""
+"""TangramAllocator: logical slots for SGLang, group slots behind them, owned by the
+logical slot of their latest kept token."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
+from tangram_sglang.backend import KeptOwners
 from tangram_sglang.budget import BudgetRule, Workload, kept_tokens, session_slots
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import PoolExhausted, RaggedPool
@@ -71,21 +73,48 @@ def test_free_returns_every_group_slot_and_clear_restores_the_start():
     assert (a.pool.free_slots(), a.logical_available_size()) == start
 
 
-def test_valid_prefix_stops_before_an_incomplete_or_out_of_order_segment():
-    a = make_allocator(random.randrange(10_000))
-    seg = a.alloc(10)
-    a.begin_extend([1], [seg[:0]], [seg])
-    tokens = a.alloc(3)
-    for token in tokens:
-        a.begin_decode([1], token[None])
-    whole = torch.cat((seg, tokens))
-    assert a.valid_prefix_len(whole) == 13
-    for cut in range(1, 10):
-        assert a.valid_prefix_len(whole[:cut]) == 0, f"cut at {cut} inside the segment"
-    assert a.valid_prefix_len(whole[:11]) == 11
-    swapped = seg[[0, 1, 2, 3, 5, 4, 6, 7, 8, 9]]
-    assert a.valid_prefix_len(torch.cat((tokens[:1], swapped))) == 1
-    assert a.valid_prefix_len(seg[1:]) == 0, "a segment without its first token is not valid"
+def random_selections(a, n: int, kept, gen):
+    """Per layer, per kv head: ascending positions of the tokens its group keeps of n."""
+    layout = a.pool.layout
+    heads = range(layout.num_kv_heads)
+    return [
+        [
+            torch.randperm(n, generator=gen)[: kept[a.pool.head_group[layer][h]]].sort().values
+            for h in heads
+        ]
+        for layer in range(layout.num_layers)
+    ]
+
+
+def test_every_cut_of_a_compressed_segment_owns_the_slots_of_earlier_tokens():
+    seed = random.randrange(10_000)
+    gen = torch.Generator().manual_seed(seed)
+    a = make_allocator(seed)
+    start = a.pool.free_slots()
+    n = random.randint(12, 40)
+    seg = a.alloc(n)
+    segment = a.begin_extend([1], [seg[:0]], [seg]).segments[0]
+    chosen = random_selections(a, n, segment.kept, gen)
+    owners = KeptOwners([segment], a.pool.num_groups)
+    for layer, heads in enumerate(chosen):
+        members = [a.pool.heads_in(g, layer) for g in range(a.pool.num_groups)]
+        owners.update(0, members, heads)
+    owners.apply(a)
+    for m in range(n + 1):
+        head = a.compact(seg[:m])
+        tail = a.compact(seg[m:])
+        for g, slots in enumerate(segment.slots):
+            held = [sel[h] for layer, sel in enumerate(chosen) for h in a.pool.heads_in(g, layer)]
+            # Slots [0, C) hold only tokens before m for every head and layer.
+            c = min(int((s < m).sum()) for s in held)
+            assert torch.equal(head[g], slots[:c]) and torch.equal(tail[g], slots[c:]), (
+                f"seed {seed}: cut {m} of {n}, group {g}: head owns {head[g].tolist()}, "
+                f"tail {tail[g].tolist()}, expected the first {c} of {slots.tolist()}"
+            )
+    assert a.starts_segment(seg, 0) and not a.starts_segment(seg, 1)
+    a.free(seg[: n // 2])
+    a.free(seg[n // 2 :])
+    assert a.leaks() == [] and a.pool.free_slots() == start, f"seed {seed}: {a.leaks()}"
 
 
 def test_group_shortage_evicts_then_names_the_group():

@@ -30,13 +30,15 @@ def qkv(tokens: int, gen: torch.Generator):
 
 
 def extend_and_check(backend, allocator, rows, prefixes, lens, gen, seed):
-    """One extend forward over every layer, checked against `ragged_extend`; returns the
-    new logical slots and the state."""
+    """One extend forward over every layer, checked against `ragged_extend`, then the
+    owners of each compressed segment's group slots; returns the new logical slots and
+    the state."""
     new = [allocator.alloc(n) for n in lens]
     state = allocator.begin_extend(rows, prefixes, new)
     fb = fake_batch(ForwardMode.EXTEND, rows)
     backend.init_forward_metadata(fb)
     pool = allocator.pool
+    latest = {}  # (segment, group) -> per slot, the latest kept position over layers/heads
     for layer_id in range(pool.num_layers):
         q, k, v = qkv(sum(lens), gen)
         prefix_lens = pool.group_lens.clone()
@@ -52,14 +54,27 @@ def extend_and_check(backend, allocator, rows, prefixes, lens, gen, seed):
         torch.testing.assert_close(
             out.view_as(q), expected, rtol=1e-10, atol=1e-10, msg=lambda m, w=where: f"{w}: {m}"
         )
-        check_stored(pool, layer_id, state, k, v, seed)
+        check_stored(pool, layer_id, state, k, v, seed, latest)
+    for i, s in enumerate(state.segments):
+        for g, slots in enumerate(s.slots):
+            owner = latest.get((i, g)) if s.compress else None
+            if owner is None:  # uncompressed, or no head of the group in any layer
+                owner = torch.arange(s.extend_len - len(slots), s.extend_len)
+            expected = torch.zeros(s.extend_len, dtype=torch.int64)
+            expected[owner] = slots
+            mapped = allocator.logical_to_group[g, s.logical]
+            assert torch.equal(mapped, expected), (
+                f"seed {seed}: segment {i} group {g} maps {mapped.tolist()}, expected each slot "
+                f"at its latest kept token {owner.tolist()}"
+            )
     return new, state
 
 
-def check_stored(pool, layer_id, state, k, v, seed):
-    """Each head's segment slots hold k_g of its new tokens, ascending, sink + window kept."""
+def check_stored(pool, layer_id, state, k, v, seed, latest):
+    """Each head's segment slots hold k_g of its new tokens, ascending, sink + window kept;
+    `latest[(segment, group)]` gathers each slot's latest kept position."""
     start = 0
-    for s in state.segments:
+    for i, s in enumerate(state.segments):
         k_seg, v_seg = k[start : start + s.extend_len], v[start : start + s.extend_len]
         start += s.extend_len
         forced = forced_mask(s.extend_len, RULE).nonzero().flatten()
@@ -75,6 +90,8 @@ def check_stored(pool, layer_id, state, k, v, seed):
                     f"seed {seed}: head {h} dropped a sink/window token"
                 )
                 assert torch.equal(stored_v[:, j], v_seg[index, h]), f"seed {seed}: V mismatch"
+                before = latest.get((i, g))
+                latest[(i, g)] = index if before is None else torch.maximum(before, index)
 
 
 def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
@@ -108,6 +125,13 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
             )
     # Turn 2 of request 1 in a fresh row: its compressed first turn is the prefix.
     extend_and_check(backend, allocator, [3], [first[0]], [random.randint(6, 20)], gen, seed)
+    # A request whose prefix ends inside that turn: the group slots its logical slots own.
+    cut = random.randint(1, lens[0] - 1)
+    _, state = extend_and_check(
+        backend, allocator, [4], [first[0][:cut]], [random.randint(6, 20)], gen, seed
+    )
+    owned = (allocator.logical_to_group[:, first[0][:cut]] > 0).sum(1)
+    assert list(state.segments[0].prefix_lens) == owned.tolist(), f"seed {seed}: cut {cut}"
 
 
 def test_a_forward_without_its_allocation_state_is_refused():

@@ -4,7 +4,8 @@ With `--kv-compression none` the plugin must leave SGLang exactly stock: same gr
 (fp32 tiny Qwen3), radix-cache reuse across turns, chat via the local tokenizer. With
 `--kv-compression uniform --tangram-ratio 1.0` (the tangram backend, ragged pools and
 radix cache, keeping everything) it must give stock's greedy tokens too. With the shipped
-profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache
+profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache,
+a second session sharing its first tokens must reuse them from inside a compressed turn,
 and `/flush_cache` must return every head-group pool to its capacity; a request that can
 never fit its head groups gets an error while the server keeps serving, and no slot stays
 reserved once the conversation is done (Budget Reservation). That server prefills in
@@ -34,6 +35,7 @@ SHIPPED_PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
 # few request rows keep it small.
 COMPRESSED = ("--max-running-requests", "16")
 CHUNK = 64  # --chunked-prefill-size of the compressed conversation's server
+SYSTEM = 100  # a second session shares this many first tokens (inside the second chunk)
 
 
 def _workload(seed: int) -> dict:
@@ -116,8 +118,9 @@ def _frontend_program(server) -> list[tuple[str, int]]:
 
 
 def _conversation(server, seed: int) -> dict:
-    """Three turns, each the whole history plus new user tokens, then a request that can
-    never fit and one that can; pool states around it."""
+    """Three turns, each the whole history plus new user tokens; a second session sharing
+    the first `SYSTEM` tokens; then a request that can never fit and one that can; pool
+    states around it."""
     rng = random.Random(seed)
 
     def ids(n: int) -> list[int]:
@@ -130,6 +133,8 @@ def _conversation(server, seed: int) -> dict:
         reply = server.generate(history, NEW_TOKENS)
         turns.append((len(history), reply["meta_info"]["cached_tokens"]))
         history = history + reply["output_ids"] + ids(40)
+    own = [t for t in ids(30) if t != history[SYSTEM]]
+    shared = server.generate(history[:SYSTEM] + own, NEW_TOKENS)
     frontend = _frontend_program(server)
     refused = _never_fits(server, ids(8), start["slots"])
     served = server.generate(ids(8), NEW_TOKENS)["output_ids"]
@@ -138,6 +143,7 @@ def _conversation(server, seed: int) -> dict:
     return {
         "start": start,
         "turns": turns,
+        "shared": (shared["meta_info"]["cached_tokens"], len(shared["output_ids"])),
         "frontend": frontend,
         "refused": refused,
         "served": served,
@@ -222,6 +228,15 @@ def test_compressed_turns_are_reused_from_the_radix_cache(transcripts):
             f"seed {seed}: turn {t + 1} reused {turns[t][1]} cached tokens, expected the "
             f"{earlier} tokens of the earlier turns (turns: (prompt, cached) {turns})"
         )
+
+
+def test_a_session_sharing_part_of_a_compressed_turn_reuses_that_part(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    cached, produced = conversation["shared"]
+    assert (cached, produced) == (SYSTEM, NEW_TOKENS), (
+        f"seed {seed}: a session sharing the first {SYSTEM} tokens (inside a compressed "
+        f"chunk of the first session's turn) reused {cached} and produced {produced} tokens"
+    )
 
 
 def test_compression_holds_fewer_slots_than_tokens_and_flush_returns_every_pool(transcripts):

@@ -1,4 +1,5 @@
-"""Radix cache `tangram`: SGLang's RadixCache over logical slots, reusing whole segments only.
+"""Radix cache `tangram`: SGLang's RadixCache over logical slots; a match may end inside a
+compressed segment and reuses the group slots that hold only earlier tokens.
 
 Drives the real `RadixCache` machinery (match, split, insert, lock, evict, and the stock
 `cache_finished_req` / our `cache_unfinished_req`) with the real `TangramAllocator`.
@@ -14,8 +15,9 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from test_allocator import make_allocator
+from test_allocator import make_allocator, random_selections
 
+from tangram_sglang.backend import KeptOwners
 from tangram_sglang.radix import TangramRadixCache
 
 VOCAB = 50
@@ -45,12 +47,53 @@ def path_len(node) -> int:
     return total
 
 
+class Latest:
+    """Per (group, group slot): the latest token position the slot holds for any head and
+    layer (what a match's prefix slots must stay below)."""
+
+    def __init__(self):
+        self.position = {}
+
+    def record(self, g: int, slots, positions) -> None:
+        for slot, pos in zip(slots.tolist(), positions.tolist(), strict=True):
+            self.position[(g, slot)] = pos
+
+    def check(self, allocator, prefix, where: str) -> None:
+        for g, slots in enumerate(allocator.compact(prefix)):
+            latest = [self.position[(g, slot)] for slot in slots.tolist()]
+            assert all(p < len(prefix) for p in latest), (
+                f"{where}: a prefix of {len(prefix)} tokens reuses group {g} slots holding "
+                f"tokens up to position {max(latest)}"
+            )
+
+
+def extend_with_owners(allocator, row, prefix, new, gen, latest=None, evict=None):
+    """`begin_extend`, then what the backend does after the forward: random per-(layer,
+    head) selections decide the owners of a compressed segment's group slots."""
+    segment = allocator.begin_extend([row], [prefix], [new], evict).segments[0]
+    owners = KeptOwners([segment], allocator.pool.num_groups)
+    if segment.compress:
+        chosen = random_selections(allocator, segment.extend_len, segment.kept, gen)
+        for layer, heads in enumerate(chosen):
+            members = [allocator.pool.heads_in(g, layer) for g in range(allocator.pool.num_groups)]
+            owners.update(0, members, heads)
+        owners.apply(allocator)
+    if latest is not None:
+        for g, slots in enumerate(segment.slots):
+            at = owners.owners[0][g]
+            if at is None:
+                at = torch.arange(segment.extend_len - len(slots), segment.extend_len)
+            latest.record(g, slots, at + len(prefix))
+    return segment
+
+
 class Turn:
     """One request: match, extend its rest as one segment, decode, then finish by inserting
     (what SGLang's cache_finished_req does, duplicates freed by the caller)."""
 
-    def __init__(self, cache, allocator, tokens, row):
+    def __init__(self, cache, allocator, tokens, row, gen=None, latest=None):
         self.cache, self.allocator, self.tokens, self.row = cache, allocator, list(tokens), row
+        self.latest = latest
         m = match(cache, self.tokens)
         self.prefix, self.node = m.device_indices, m.last_device_node
         cache.inc_lock_ref(self.node)
@@ -58,14 +101,19 @@ class Turn:
         rest = len(self.tokens) - len(self.prefix)
         evict = lambda n: cache.evict(EvictParams(num_tokens=n))  # noqa: E731
         new = allocator.alloc(rest)
-        allocator.begin_extend([row], [self.prefix], [new], evict)
+        gen = gen or torch.Generator().manual_seed(0)
+        extend_with_owners(allocator, row, self.prefix, new, gen, latest, evict)
         self.values.append(new)
 
     def decode(self, rng, count):
         for _ in range(count):
             self.tokens.append(rng.randrange(VOCAB))
             new = self.allocator.alloc(1)
-            self.allocator.begin_decode([self.row], new)
+            evict = lambda n: self.cache.evict(EvictParams(num_tokens=n))  # noqa: E731
+            state = self.allocator.begin_decode([self.row], new, evict)
+            if self.latest is not None:
+                for g, slot in enumerate(state.decode_slots[:, 0]):
+                    self.latest.record(g, slot[None], torch.tensor([len(self.tokens) - 1]))
             self.values.append(new)
 
     def finish(self):
@@ -76,9 +124,11 @@ class Turn:
         self.allocator.release_row(self.row)
 
 
-def test_random_multi_turn_traces_reuse_whole_segments_and_free_everything():
+def test_random_multi_turn_traces_reuse_only_earlier_tokens_and_free_everything():
     seed = random.randrange(10_000)
     rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    latest = Latest()
     cache, allocator = make_cache(seed)
     start = (allocator.pool.free_slots(), allocator.logical_available_size())
     conversations = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(3)]
@@ -91,10 +141,8 @@ def test_random_multi_turn_traces_reuse_whole_segments_and_free_everything():
             tokens = conversations[c][:cut] + [
                 rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))
             ]
-            turn = Turn(cache, allocator, tokens, row)
-            assert allocator.valid_prefix_len(turn.prefix) == len(turn.prefix), (
-                f"seed {seed} step {step}: matched prefix holds an incomplete segment"
-            )
+            turn = Turn(cache, allocator, tokens, row, gen, latest)
+            latest.check(allocator, turn.prefix, f"seed {seed} step {step}")
             assert path_len(turn.node) == len(turn.prefix), (
                 f"seed {seed} step {step}: match node ends at {path_len(turn.node)}, "
                 f"prefix is {len(turn.prefix)}"
@@ -116,23 +164,39 @@ def test_random_multi_turn_traces_reuse_whole_segments_and_free_everything():
     )
 
 
-def test_match_cuts_back_inside_a_compressed_segment_and_keeps_boundaries():
+def test_a_match_inside_a_compressed_segment_reuses_the_slots_before_the_cut():
     seed = random.randrange(10_000)
     rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    latest = Latest()
     cache, allocator = make_cache(seed)
-    prompt = [rng.randrange(VOCAB) for _ in range(30)]
-    turn = Turn(cache, allocator, prompt, 1)
-    turn.decode(rng, 3)
-    turn.finish()
-    history = turn.tokens
-    assert match(cache, history[:20] + [VOCAB]).device_indices.numel() == 0, (
-        f"seed {seed}: a match ending inside the 30-token segment was not cut back to 0"
+    start = allocator.pool.free_slots()
+    system = [rng.randrange(VOCAB) for _ in range(rng.randint(10, 30))]
+    first = Turn(
+        cache, allocator, system + [rng.randrange(VOCAB) for _ in range(12)], 1, gen, latest
     )
-    for keep in (30, 31, 33):
-        m = match(cache, history[:keep] + [VOCAB])
-        assert m.device_indices.numel() == keep, f"seed {seed}: boundary {keep} not reused"
-        assert path_len(m.last_device_node) == keep
-    assert allocator.leaks() == []
+    segment_slots = allocator.compact(first.values[1])
+    first.decode(rng, 3)
+    first.finish()
+    # Another session with the same system prompt: its match ends inside the first turn.
+    cut = len(system)
+    m = match(cache, system + [VOCAB])
+    assert m.device_indices.numel() == cut and path_len(m.last_device_node) == cut, (
+        f"seed {seed}: a match of the {cut}-token system prompt gave {m.device_indices.numel()}"
+    )
+    latest.check(allocator, m.device_indices, f"seed {seed}")
+    for g, slots in enumerate(allocator.compact(m.device_indices)):
+        assert torch.equal(slots, segment_slots[g][: len(slots)]), (
+            f"seed {seed}: group {g} reuses {slots.tolist()}, not a prefix of the turn's slots"
+        )
+    second = Turn(
+        cache, allocator, system + [rng.randrange(VOCAB) for _ in range(8)], 2, gen, latest
+    )
+    assert len(second.prefix) == cut, f"seed {seed}: the second session reused {len(second.prefix)}"
+    second.finish()
+    assert cache.check_evictable_count() is None and allocator.leaks() == []
+    cache.evict(EvictParams(num_tokens=10**9))
+    assert allocator.pool.free_slots() == start, f"seed {seed}: slots leaked"
 
 
 def unfinished_req(cache, allocator, tokens, row):

@@ -5,14 +5,16 @@
 #   (1) greedy: stock and tangram at --tangram-ratio 1.0 give identical greedy outputs
 #       (fp32 both, TRITON_F32_DEFAULT=ieee so no tf32 dot anywhere);
 #   (2) sessions: at 0.25, N sessions x T turns run without error, every follow-up turn
-#       hits the radix cache, the pools return to their start after /flush_cache;
+#       hits the radix cache, the pools return to their start after /flush_cache; every
+#       session starts with the same SYSTEM_TOKENS, reused from inside other sessions'
+#       compressed first turns;
 #   (3) frontend: a multi-turn sgl.function program (a text server: the same shape with the
 #       local tiny tokenizer and its vocabulary) reuses its earlier turns.
 #   A phase "gputests" (first, if named) runs the compiled backend/CUDA-graph tests.
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
 # Phase "sessions-stock" (not in the default list) runs the sessions on stock SGLang.
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
-# FIRST_TOKENS (1024), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
+# FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3).
 # CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
 # (adds --device cpu and the tests' CPU stand-ins).
@@ -147,7 +149,8 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
           --max-running-requests "$((${SESSIONS:-200} + 56))"; then
         check sessions --url "$URL" --out "$OUT/sessions.json" --vocab "$VOCAB" \
           --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
-          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}"
+          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
+          --system-tokens "${SYSTEM_TOKENS:-256}"
         rc=$?
         grep -E "tangram" "$OUT/server-tangram-r0.25.log" | grep -i -E "sessions|bytes|group" | cut -c1-300 | head -6
         halt tangram-r0.25
@@ -160,7 +163,8 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
           --max-running-requests "$((${SESSIONS:-200} + 56))"; then
         check sessions --url "$URL" --out "$OUT/sessions-stock.json" --vocab "$VOCAB" \
           --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
-          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}"
+          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
+          --system-tokens "${SYSTEM_TOKENS:-256}"
         rc=$?
         grep -E "max_total_num_tokens|KV Cache is allocated" "$OUT/server-stock-sessions.log" | cut -c1-200 | head -3
         halt stock-sessions

@@ -3,8 +3,9 @@
     e2e_check.py greedy   --url U --out F      prompts + a 3-turn session, token ids only
     e2e_check.py compare  A.json B.json        (1) identical greedy outputs, else exit 1
     e2e_check.py sessions --url U --out F      (2) N concurrent sessions x T turns, radix
-                                               hits on every follow-up turn, pools back to
-                                               their start after /flush_cache
+                                               hits on every follow-up turn, a shared system
+                                               prompt reused, pools back to their start
+                                               after /flush_cache
     e2e_check.py frontend --url U --out F      (3) a multi-turn sgl.function program
 
 Token-id workloads come from a seed, so two servers get the same prompts. Every command
@@ -111,14 +112,18 @@ def _groups_held(state: dict[str, Any]) -> list[int]:
 
 def sessions(args: argparse.Namespace) -> int:
     """`--sessions` conversations at once; each turn sends the whole history (previous
-    prompt + answer + new user tokens), so turn t+1 must find turn t in the radix cache."""
+    prompt + answer + new user tokens), so turn t+1 must find turn t in the radix cache.
+    Every session starts with the same `--system-tokens` tokens, so a first turn admitted
+    after another session's first turn was cached reuses them from inside that compressed
+    turn."""
     client = Client(args.url)
     client.flush()
     start = client.pool()
+    system = _ids(random.Random(-1 - args.seed), args.vocab, args.system_tokens)
 
     def conversation(seed: int) -> list[dict[str, Any]]:
         rng, own = random.Random(seed), Client(args.url)
-        history, turns = _ids(rng, args.vocab, args.first_tokens), []
+        history, turns = system + _ids(rng, args.vocab, args.first_tokens), []
         for _ in range(args.turns):
             t0 = time.perf_counter()
             reply = own.generate(history, args.answer_tokens)
@@ -151,6 +156,10 @@ def sessions(args: argparse.Namespace) -> int:
         turn["cached"] >= results[s][t - 1]["prompt"] + results[s][t - 1]["output"] - 1
         for s, t, turn in follow_ups
     )
+    # First turns that reused the shared system prompt (from another session's first turn).
+    system_hits = sum(turns[0]["cached"] >= args.system_tokens > 0 for turns in results)
+    if args.system_tokens and not system_hits:
+        problems.append(f"no first turn reused the {args.system_tokens} shared system tokens")
     short = [r for turns in results for r in turns if r["output"] != args.answer_tokens]
     if short:
         problems.append(f"{len(short)} answers are not {args.answer_tokens} tokens long")
@@ -180,6 +189,8 @@ def sessions(args: argparse.Namespace) -> int:
         "follow_up_turns": len(follow_ups),
         "follow_ups_with_hits": len(follow_ups) - len(misses),
         "follow_ups_full_reuse": full,
+        "system_tokens": args.system_tokens,
+        "first_turns_reusing_system": system_hits,
         "pool_start": start,
         "pool_held": held,
         "pool_flushed": flushed,
@@ -191,7 +202,8 @@ def sessions(args: argparse.Namespace) -> int:
         f"sessions: {args.sessions} x {args.turns} turns in {elapsed:.1f} s "
         f"({summary['output_tok_s']} output tok/s); follow-up turns with radix hits "
         f"{summary['follow_ups_with_hits']}/{len(follow_ups)}, whole history reused {full}; "
-        f"cached {cached_tokens} of {prompt_tokens} prompt tokens"
+        f"cached {cached_tokens} of {prompt_tokens} prompt tokens; first turns reusing the "
+        f"{args.system_tokens} shared system tokens {system_hits}/{args.sessions}"
     )
     if held is not None:
         print(
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--turns", type=int, default=4)
     s.add_argument("--first-tokens", type=int, default=1024)
     s.add_argument("--user-tokens", type=int, default=128)
+    s.add_argument("--system-tokens", type=int, default=256)
     sub.choices["frontend"].add_argument("--programs", type=int, default=4)
     c = sub.add_parser("compare")
     c.add_argument("a")
