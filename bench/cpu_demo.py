@@ -5,8 +5,10 @@ calibrated on, starts the real SGLang 0.5.17 server twice on this CPU machine (s
 KV, and `--kv-compression tangram` at the shipped profile's ratio), sends the same
 conversation to both (each turn = the whole history + its answer + new user tokens) and
 prints, per turn, the radix cache hits and the KV bytes each server holds: per head group
-for Tangram against full KV. Uses the CPU stand-ins of tests/cpu_shims (a torchvision
-stand-in, SGLang's rotary CPU flag), which only a CPU machine needs.
+for Tangram against full KV. Then a second session that shares the first `--shared` tokens
+of the first turn (a system prompt) shows that part reused from inside a compressed turn.
+Uses the CPU stand-ins of tests/cpu_shims (a torchvision stand-in, SGLang's rotary CPU
+flag), which only a CPU machine needs.
 
     .venv/bin/python bench/cpu_demo.py [--turns 4] [--context 600] [--ratio 0.25]
 """
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=600, help="first turn's prompt tokens")
     parser.add_argument("--user-tokens", type=int, default=48)
     parser.add_argument("--answer-tokens", type=int, default=16)
+    parser.add_argument("--shared", type=int, default=400, help="tokens a 2nd session shares")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -109,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
             user = ids(args.user_tokens)
             for name, reply in replies.items():
                 history[name] += reply["output_ids"] + user
+        own = [t for t in ids(args.user_tokens) if t != first[args.shared]]
+        shared = first[: args.shared] + own
+        cached = {
+            name: server.generate(shared, args.answer_tokens)["meta_info"]["cached_tokens"]
+            for name, server in servers.items()
+        }
+        print(
+            f"\na second session sharing the first {args.shared} tokens: cached stock "
+            f"{cached['stock']}, tangram {cached['tangram']} (from inside the compressed turn 1)"
+        )
         requests.post(f"{tangram.url}/flush_cache", timeout=30).raise_for_status()
         flushed = pool_state(tangram.url)
         back = flushed["free_slots"] == flushed["slots"] and not any(flushed["reserved"])
