@@ -184,9 +184,15 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase: $([ "$rc" = 0 ] && echo PASS || echo "FAIL ($rc)")"
 done
 
-for f in "$OUT"/server-*.log; do  # a returned file may have 16 MiB at most
+# The device tool returns a few files of 16 MiB at most: the server logs go in one archive
+# (each cut to its last 15 MiB), so the phases' JSON results always come back.
+for f in "$OUT"/server-*.log; do
+  [ -e "$f" ] || continue
   [ "$(stat -c %s "$f")" -gt $((15 * 1048576)) ] && { tail -c 15M "$f" > "$f.t"; mv "$f.t" "$f"; }
 done
+if compgen -G "$OUT/server-*.log" > /dev/null; then
+  tar -czf "$OUT/server-logs.tgz" -C "$OUT" $(cd "$OUT" && ls server-*.log) && rm -f "$OUT"/server-*.log
+fi
 status=0
 for phase in "${!RC[@]}"; do
   echo "phase $phase: rc ${RC[$phase]}"
