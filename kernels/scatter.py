@@ -6,11 +6,16 @@ heads (and, concatenated, all requests of a batch): the i-th kept token of kv he
 (`group_slots[g, i]`), at h's member row `head_base[h] + slot * head_stride[h]`. Every
 head of a group keeps the group's count (`counts[g]`), so one `group_lens` serves the
 group. Grid (Hkv, ceil(max count / BLOCK)).
+
+`SelectionScatter` builds those arguments for a whole extend forward from
+`select_batch`'s padded selection on the device (no host sync per layer);
+`pack_selection` does it from per-head lists on the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -98,6 +103,79 @@ def pack_selection(
         slots.to(**as_dev),
         torch.tensor(counts, dtype=torch.int32).to(**as_dev),
     )
+
+
+@dataclass(frozen=True)
+class SelectionScatter:
+    """`scatter_selected`'s arguments for all segments of an extend forward.
+
+    What depends only on host-known counts (each segment's first row, its k_g per group,
+    the segments' group slots) is built once per forward (`build`); per layer, `args` maps
+    the layer's selection `[S, Hkv, W]` (`select_batch`: token indices within each
+    segment, -1 past the head's budget) to token_index `[Hkv, M]` with device ops only: a
+    head of group g lists segment 0's kept rows, then segment 1's, ..., as `group_slots[g]`
+    lists their slots.
+    """
+
+    starts: torch.Tensor  # [S] int64: each segment's first row of k_new/v_new
+    positions: torch.Tensor  # [G, S, W] int64: column of (segment, i) in a group-g head's
+    # token_index row; M (a spare column, cut off) past the segment's k_g
+    group_slots: torch.Tensor  # [G, M] int64
+    counts: torch.Tensor  # [G] int32
+
+    @classmethod
+    def build(
+        cls,
+        starts: Sequence[int],
+        kept: Sequence[Sequence[int]],
+        group_slots: Sequence[torch.Tensor],
+        width: int,
+        device: torch.device | str,
+    ) -> SelectionScatter:
+        """`kept[s][g]`: group g's budget in segment s (<= `width`, the selection's width);
+        `group_slots[g]`: the segments' group-g slots concatenated in segment order."""
+        if len(kept) != len(starts) or not kept:
+            raise ValueError(f"kept has {len(kept)} rows for {len(starts)} segments (need >= 1)")
+        table = torch.tensor(kept, dtype=torch.int64).T  # [G, S]
+        if table.shape[0] != len(group_slots):
+            raise ValueError(f"kept has {table.shape[0]} groups, group_slots {len(group_slots)}")
+        counts = table.sum(1)
+        for g, (slots, count) in enumerate(zip(group_slots, counts.tolist(), strict=True)):
+            if slots.dim() != 1 or slots.shape[0] != count:
+                raise ValueError(f"group {g}: {tuple(slots.shape)} slots for {count} kept tokens")
+        if int(table.max()) > width:
+            raise ValueError(f"a budget of {int(table.max())} exceeds the width {width}")
+        m = max(1, int(counts.max()))
+        offsets = table.cumsum(1) - table  # [G, S]: first column of each segment
+        i = torch.arange(width)
+        positions = torch.where(i < table[..., None], offsets[..., None] + i, m)
+        slots = torch.zeros((len(group_slots), m), dtype=torch.int64, device=device)
+        for g, s in enumerate(group_slots):
+            slots[g, : s.shape[0]] = s.to(device)
+        return cls(
+            torch.tensor(starts, dtype=torch.int64).to(device),
+            positions.to(device),
+            slots,
+            counts.to(device=device, dtype=torch.int32),
+        )
+
+    def args(
+        self, selected: torch.Tensor, head_group: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """token_index, group_slots, counts for a layer whose kv head h is in group
+        `head_group[h]` (a device tensor) and kept `selected[:, h]`."""
+        s, width = self.positions.shape[1:]
+        if selected.dim() != 3 or selected.shape[0] != s or selected.shape[2] != width:
+            raise ValueError(f"selected must be [{s}, Hkv, {width}], got {tuple(selected.shape)}")
+        heads = selected.shape[1]
+        if tuple(head_group.shape) != (heads,):
+            raise ValueError(f"head_group must be [{heads}], got {tuple(head_group.shape)}")
+        rows = (selected + self.starts[:, None, None]).transpose(0, 1).reshape(heads, -1)
+        where = self.positions.index_select(0, head_group).view(heads, -1)
+        m = self.group_slots.shape[1]
+        token_index = torch.zeros((heads, m + 1), dtype=torch.int64, device=selected.device)
+        token_index.scatter_(1, where, rows)
+        return token_index[:, :m], self.group_slots, self.counts
 
 
 def scatter_selected(

@@ -5,10 +5,15 @@ Extend, per request and per head group: the new tokens attend to the group's com
 prefix (the row's group slots) plus themselves, causally (`reference.ragged_extend`
 semantics), computed with SGLang torch_native's own call (`scaled_dot_product_attention`
 with `enable_gqa` over a query padded to the key length, `is_causal`), so at ratio 1.0
-the result is stock torch_native's. Then the segment's K/V go to its group slots: when it
-is compressed, the configured scorer scores the new tokens (post-RoPE q/k/v) and
-`select` keeps exactly each group's budget per head (`write_selected`); otherwise every
-token goes to every group.
+the result is stock torch_native's. Then the segments' K/V go to their group slots: when
+some segment is compressed, the configured scorer scores every segment's new tokens
+(post-RoPE q/k/v) in one batched pass (`Scorer.score_batch`) and `select_batch` keeps
+exactly each group's budget per head (all n tokens of a segment that does not compress);
+otherwise every token goes to every group. Both paths select with these same batched
+calls, per layer with device ops only (the index tables they read depend only on host-known
+counts and are built once per forward, in `init_forward_metadata` and `TritonPath.stage`,
+or by the first layer's device ops): a per-segment loop costs tens of small launches per
+segment and layer, and any host read of the device a stall per layer.
 
 After the last layer, each compressed segment's group slots are re-owned (`KeptOwners`,
 `TangramAllocator.assign_owners`): group slot j moves to the logical slot of the latest
@@ -24,7 +29,8 @@ this backend only reads it.
 Two paths compute the same function (`kernels=` or `TANGRAM_BACKEND_KERNELS=triton|torch`;
 default triton on CUDA, torch elsewhere): the torch path above (CPU serving; exact
 torch_native at ratio 1.0), and `TritonPath`: AOT ragged decode, one extend launch for
-the whole batch, one scatter launch for the kept tokens. Both read the lengths the
+the whole batch, one scatter launch for the kept tokens (its arguments built on the
+device from the batched selection, `SelectionScatter`). Both read the lengths the
 allocator keeps: decode the pool's `group_lens` (the allocator writes them together with
 its host mirror `row_lens` wherever a row's length changes), extend the prefix lengths
 of the forward state (`group_lens` already counts the new segment's slots).
@@ -45,6 +51,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -52,10 +59,13 @@ from sglang.srt.layers.radix_attention import AttentionType
 from torch.nn.functional import scaled_dot_product_attention
 
 from tangram_sglang.allocator import ExtendSegment, ForwardState, TangramAllocator, TangramKVPool
-from tangram_sglang.compress import SCORERS, select
+from tangram_sglang.compress import SCORERS, SegmentBatch, check_budgets, select_batch
 from tangram_sglang.compress.write import write_selected
 from tangram_sglang.plan import AotPlan
 from tangram_sglang.pool import RaggedPool
+
+if TYPE_CHECKING:
+    from tangram_sglang.kernels.scatter import SelectionScatter
 
 BACKEND = "tangram"
 KERNELS_ENV = "TANGRAM_BACKEND_KERNELS"
@@ -133,26 +143,95 @@ class _ExtendBatch:
     prefix_lens: torch.Tensor  # [G, R+1] int32: the batch rows' prefix lengths
     slots: tuple[torch.Tensor, ...]  # per group, the segments' slots concatenated
     starts: tuple[int, ...]  # first token of each segment
+    scatter: SelectionScatter | None  # the kept tokens' scatter (None: nothing compresses)
+
+
+@dataclass(frozen=True)
+class _SegmentBudgets:
+    """An extend forward's segments as the batched scorer and `select_batch` read them,
+    built once per forward (when some segment compresses) so that layers only index it."""
+
+    segments: SegmentBatch
+    kept: torch.Tensor  # [S, G] int64 on the device: k_g per segment (n: no compression)
+    width: int  # the largest budget: the selection's width
+
+    @classmethod
+    def build(cls, segments: Sequence[ExtendSegment], rule, device) -> _SegmentBudgets:
+        lens = [s.extend_len for s in segments]
+        kept = [s.kept for s in segments]
+        check_budgets(lens, kept, rule)
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        return cls(
+            SegmentBatch(starts, lens, device),
+            torch.tensor(kept, dtype=torch.int64).to(device),
+            max(max(k) for k in kept),
+        )
 
 
 class KeptOwners:
     """Per compressed segment of an extend forward and per group, the running maximum over
     layers and member heads of the position each group slot's kept token has (what
-    `TangramAllocator.assign_owners` needs once the last layer has selected)."""
+    `TangramAllocator.assign_owners` needs once the last layer has selected).
 
-    def __init__(self, segments: Sequence[ExtendSegment], num_groups: int) -> None:
-        self.segments = segments
-        self.owners: list[list[torch.Tensor | None]] = [[None] * num_groups for _ in segments]
+    Held as one device tensor `latest` `[G, S, W]` (-1 where nothing is kept yet), so a
+    layer's update for all segments is one device op (`update_batch`)."""
+
+    def __init__(
+        self,
+        segments: Sequence[ExtendSegment],
+        num_groups: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.segments = tuple(segments)
+        width = max((max(s.kept, default=0) for s in self.segments), default=0)
+        self.latest = torch.full(
+            (num_groups, len(self.segments), max(width, 1)), -1, dtype=torch.int64, device=device
+        )
+        # Per segment, the groups that had a member head in some updated layer (host).
+        self.seen: list[set[int]] = [set() for _ in self.segments]
 
     def update(self, index: int, members: Sequence[Sequence[int]], chosen) -> None:
         """Segment `index` kept `chosen[h]` (ascending positions) for kv head h in a layer
         whose group g holds kv heads `members[g]`."""
-        owners = self.owners[index]
+        kept = self.segments[index].kept
         for g, heads in enumerate(members):
             if not heads:
                 continue
-            latest = torch.stack([chosen[h] for h in heads]).amax(0)
-            owners[g] = latest if owners[g] is None else torch.maximum(owners[g], latest)
+            latest = torch.stack([chosen[h] for h in heads]).amax(0).to(self.latest.device)
+            if latest.shape != (kept[g],):
+                raise ValueError(
+                    f"KeptOwners: segment {index} group {g} kept {tuple(latest.shape)} tokens "
+                    f"for {kept[g]} group slots"
+                )
+            row = self.latest[g, index, : kept[g]]
+            row.copy_(torch.maximum(row, latest))
+            self.seen[index].add(g)
+
+    def update_batch(
+        self, chosen: torch.Tensor, head_group: torch.Tensor, members: Sequence[Sequence[int]]
+    ) -> None:
+        """Every segment kept `chosen[s, h]` (`select_batch`: ascending, -1 padded) for kv
+        head h of group `head_group[h]` (device) in a layer whose group g holds kv heads
+        `members[g]` (host: which groups this layer touches)."""
+        s, heads, width = chosen.shape
+        if s != len(self.segments) or width > self.latest.shape[2]:
+            raise ValueError(
+                f"KeptOwners: selection {tuple(chosen.shape)} for {len(self.segments)} "
+                f"segments of at most {self.latest.shape[2]} kept tokens"
+            )
+        index = head_group.long()[:, None, None].expand(heads, s, width)
+        self.latest[:, :, :width].scatter_reduce_(0, index, chosen.transpose(0, 1), "amax")
+        groups = {g for g, hs in enumerate(members) if hs}
+        for seen in self.seen:
+            seen |= groups
+
+    @property
+    def owners(self) -> list[list[torch.Tensor | None]]:
+        """Per segment and group: `[k_g]` positions, or None (no member head yet)."""
+        return [
+            [self.latest[g, i, :k] if g in seen else None for g, k in enumerate(segment.kept)]
+            for i, (segment, seen) in enumerate(zip(self.segments, self.seen, strict=True))
+        ]
 
     def apply(self, allocator: TangramAllocator) -> None:
         for segment, owners in zip(self.segments, self.owners, strict=True):
@@ -269,6 +348,11 @@ class TritonPath:
             for g in range(self.pool.num_groups)
         )
         starts = tuple(sum(lens[:i]) for i in range(len(lens)))
+        scatter = None
+        if any(s.compress for s in segments):
+            width = max(max(s.kept) for s in segments)
+            kept = [s.kept for s in segments]
+            scatter = self.kernels[2].SelectionScatter.build(starts, kept, slots, width, device)
         self.batch = _ExtendBatch(
             rows,
             torch.tensor(lens, dtype=torch.int32, device=device),
@@ -276,6 +360,7 @@ class TritonPath:
             prefix_lens,
             slots,
             starts,
+            scatter,
         )
 
     def decode(self, q, k, v, layer) -> torch.Tensor:
@@ -300,12 +385,12 @@ class TritonPath:
         )
         return out
 
-    def store(self, k, v, layer: int, selected: Sequence[torch.Tensor], group_of) -> None:
-        """Write the batch's kept tokens (`selected`: per kv head, token rows of k/v, the
-        segments' in batch order) to the segments' slots in one launch."""
+    def store(self, k, v, layer: int, selected: torch.Tensor) -> None:
+        """Write the batch's kept tokens (`selected` `[S, Hkv, W]`, `select_batch`'s indices
+        within each segment) to the segments' slots in one launch, device ops only."""
         _, _, scatter = self.kernels
-        packed = scatter.pack_selection(selected, self.batch.slots, group_of, self.pool.device)
-        scatter.scatter_selected(self.pool.layer_view(layer), k, v, *packed)
+        kv = self.pool.layer_view(layer)
+        scatter.scatter_selected(kv, k, v, *self.batch.scatter.args(selected, kv.head_group))
 
 
 class TangramAttnBackend(AttentionBackend):
@@ -330,6 +415,7 @@ class TangramAttnBackend(AttentionBackend):
         self.scorer = SCORERS[method or kv_pool.method]()
         self.state: ForwardState | None = None
         self.owners: KeptOwners | None = None
+        self.budgets: _SegmentBudgets | None = None
         layout = self.pool.layout
         # Per layer, per group: kv heads stored there (ascending); per layer, head -> group.
         self.members = [
@@ -361,7 +447,12 @@ class TangramAttnBackend(AttentionBackend):
         expected = "decode" if mode.is_decode() else "extend"
         rows = tuple(int(r) for r in forward_batch.req_pool_indices.tolist())
         self.state = self._take_state(expected, rows)
-        self.owners = KeptOwners(self.state.segments, self.pool.num_groups)
+        segments = self.state.segments
+        self.owners = self.budgets = None
+        if expected == "extend":
+            self.owners = KeptOwners(segments, self.pool.num_groups, self.pool.device)
+        if any(s.compress for s in segments):
+            self.budgets = _SegmentBudgets.build(segments, self.allocator.rule, self.pool.device)
         if self.triton is not None:
             self.triton.stage(self.state)
 
@@ -448,13 +539,13 @@ class TangramAttnBackend(AttentionBackend):
         else:
             out = _new_output(q_)
             start = 0
-            for index, segment in enumerate(self.state.segments):
+            for segment in self.state.segments:
                 tokens = slice(start, start + segment.extend_len)
                 start += segment.extend_len
                 out[tokens] = self._extend_attention(
                     q_[tokens], k_[tokens], v_[tokens], layer, segment
                 )
-                self._store_segment(q_[tokens], k_[tokens], v_[tokens], layer.layer_id, index)
+            self._store_segments(q_, k_, v_, layer.layer_id)
         if layer.layer_id == self.pool.num_layers - 1:
             self.owners.apply(self.allocator)
         return out.reshape(q_.shape[0], -1)
@@ -519,42 +610,47 @@ class TangramAttnBackend(AttentionBackend):
             out[:, q_heads] = o.squeeze(0)[:, prefix:].movedim(1, 0)
         return out
 
-    def _selection(self, q, k, v, layer: int, index: int) -> list[torch.Tensor]:
-        """Per kv head, segment `index`'s kept token indices (exactly its group's budget),
-        also recorded for the owners of its group slots."""
-        segment = self.state.segments[index]
-        scores = self.scorer.score(q, k, v)
-        kept = [segment.kept[g] for g in self.group_of[layer]]
-        chosen = select(scores, kept, self.allocator.rule)
-        self.owners.update(index, self.members[layer], chosen)
+    def _select(self, q, k, v, layer: int) -> torch.Tensor:
+        """`[S, Hkv, W]`: per segment and kv head, its kept token indices within the segment
+        (ascending, exactly its group's budget, then -1; every token of a segment that does
+        not compress), also recorded for the owners of the group slots. Device ops only."""
+        budgets = self.budgets
+        scores = self.scorer.score_batch(q, k, v, budgets.segments)
+        head_group = self.pool.head_group[layer]
+        chosen = select_batch(
+            scores,
+            budgets.segments.lengths,
+            budgets.kept.index_select(1, head_group),
+            self.allocator.rule,
+            budgets.width,
+        )
+        self.owners.update_batch(chosen, head_group, self.members[layer])
         return chosen
 
-    def _store_segment(self, q, k, v, layer: int, index: int) -> None:
-        """Write the segment's K/V to its group slots: the selected tokens, or all of them."""
-        segment = self.state.segments[index]
-        if not segment.compress:
-            self.pool.write_tokens(layer, list(segment.slots), k, v)
-            return
-        selected = self._selection(q, k, v, layer, index)
-        write_selected(self.pool, layer, segment.row, k, v, selected, list(segment.slots))
+    def _store_segments(self, q, k, v, layer: int) -> None:
+        """Torch path: write each segment's K/V to its group slots, the selected tokens of a
+        compressed one (`write_selected`), every token of the others."""
+        chosen = None if self.budgets is None else self._select(q, k, v, layer)
+        start = 0
+        for index, segment in enumerate(self.state.segments):
+            tokens = slice(start, start + segment.extend_len)
+            start += segment.extend_len
+            if not segment.compress:
+                self.pool.write_tokens(layer, list(segment.slots), k[tokens], v[tokens])
+                continue
+            counts = [segment.kept[g] for g in self.group_of[layer]]
+            selected = [chosen[index, h, :c] for h, c in enumerate(counts)]
+            write_selected(
+                self.pool, layer, segment.row, k[tokens], v[tokens], selected, list(segment.slots)
+            )
 
     def _store_batch(self, q, k, v, layer: int) -> None:
         """Kernel path: every segment's kept tokens (all of an uncompressed one's) in one
         scatter, or `write_tokens` when no segment compresses."""
-        segments, batch = self.state.segments, self.triton.batch
-        if not any(s.compress for s in segments):
-            self.pool.write_tokens(layer, list(batch.slots), k, v)
+        if self.budgets is None:
+            self.pool.write_tokens(layer, list(self.triton.batch.slots), k, v)
             return
-        per_segment = []
-        for index, (segment, start) in enumerate(zip(segments, batch.starts, strict=True)):
-            tokens = slice(start, start + segment.extend_len)
-            if segment.compress:
-                chosen = self._selection(q[tokens], k[tokens], v[tokens], layer, index)
-            else:
-                chosen = [torch.arange(segment.extend_len)] * len(self.group_of[layer])
-            per_segment.append([c.to(k.device) + start for c in chosen])
-        selected = [torch.cat(heads) for heads in zip(*per_segment, strict=True)]
-        self.triton.store(k, v, layer, selected, self.group_of[layer])
+        self.triton.store(k, v, layer, self._select(q, k, v, layer))
 
 
 def create_tangram_backend(model_runner) -> TangramAttnBackend:

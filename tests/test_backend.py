@@ -100,38 +100,38 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
     allocator = make_allocator(seed, dtype=torch.float64)
     runner = fake_runner(allocator, HQ)
     backend = TangramAttnBackend(runner, method="snapkv", kernels="torch")
-    # Turn 1: a compressed segment and one too short to compress.
-    lens = [random.randint(12, 30), random.randint(1, RULE.sink + RULE.window)]
-    first, state = extend_and_check(
-        backend, allocator, [1, 2], [torch.empty(0, dtype=torch.long)] * 2, lens, gen, seed
-    )
-    assert [s.compress for s in state.segments] == [True, False]
+    none = torch.empty(0, dtype=torch.long)
+    # Turn 1, one forward: two compressed segments, one too short to compress, one token.
+    short = RULE.sink + RULE.window
+    lens = [random.randint(12, 30), random.randint(1, short), random.randint(12, 30), 1]
+    rows = [1, 2, 3, 4]
+    first, state = extend_and_check(backend, allocator, rows, [none] * 4, lens, gen, seed)
+    assert [s.compress for s in state.segments] == [True, False, True, False]
     assert state.segments[0].kept != (lens[0],) * allocator.pool.num_groups
-    # Decode one token for both rows.
+    # Decode one token for every row.
     for _ in range(2):
-        rows = [1, 2]
-        allocator.begin_decode(rows, allocator.alloc(2))
+        allocator.begin_decode(rows, allocator.alloc(len(rows)))
         fb = fake_batch(ForwardMode.DECODE, rows)
         backend.init_forward_metadata(fb)
         for layer_id in range(allocator.pool.num_layers):
-            q, k, v = qkv(2, gen)
-            out = backend.forward_decode(
-                q.reshape(2, -1), k.reshape(2, -1), v.reshape(2, -1), layer(layer_id), fb
-            )
+            q, k, v = qkv(len(rows), gen)
+            flat = (x.reshape(len(rows), -1) for x in (q, k, v))
+            out = backend.forward_decode(*flat, layer(layer_id), fb)
             expected = ragged_decode(q, allocator.pool.layer_view(layer_id), rows, D**-0.5)
             where = f"seed {seed} layer {layer_id}: decode differs from the reference"
             torch.testing.assert_close(
                 out.view_as(q), expected, rtol=1e-10, atol=1e-10, msg=lambda m, w=where: f"{w}: {m}"
             )
-    # Turn 2 of request 1 in a fresh row: its compressed first turn is the prefix.
-    extend_and_check(backend, allocator, [3], [first[0]], [random.randint(6, 20)], gen, seed)
-    # A request whose prefix ends inside that turn: the group slots its logical slots own.
-    cut = random.randint(1, lens[0] - 1)
-    _, state = extend_and_check(
-        backend, allocator, [4], [first[0][:cut]], [random.randint(6, 20)], gen, seed
-    )
-    owned = (allocator.logical_to_group[:, first[0][:cut]] > 0).sum(1)
-    assert list(state.segments[0].prefix_lens) == owned.tolist(), f"seed {seed}: cut {cut}"
+    # Turn 2, one forward in fresh rows: request 1's compressed first turn as the prefix; a
+    # prefix ending inside request 3's turn (the group slots its logical slots own); the
+    # uncompressed turn as the prefix of a short segment.
+    cut = random.randint(1, lens[2] - 1)
+    prefixes = [first[0], first[2][:cut], first[1]]
+    lens2 = [random.randint(6, 20), random.randint(6, 20), random.randint(1, short)]
+    _, state = extend_and_check(backend, allocator, [5, 6, 7], prefixes, lens2, gen, seed)
+    assert [s.compress for s in state.segments] == [True, True, False], f"seed {seed}"
+    owned = (allocator.logical_to_group[:, first[2][:cut]] > 0).sum(1)
+    assert list(state.segments[1].prefix_lens) == owned.tolist(), f"seed {seed}: cut {cut}"
 
 
 def test_a_forward_without_its_allocation_state_is_refused():

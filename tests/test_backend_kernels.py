@@ -10,6 +10,7 @@ backend runs on one and the Triton backend on the other; their pools start poiso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,11 +24,17 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from backend_fakes import fake_batch, fake_layer, fake_runner  # noqa: E402
+from host_reads import HostRead, HostReadGuard  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 import tangram_sglang.backend as backend_module  # noqa: E402
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool  # noqa: E402
-from tangram_sglang.backend import KERNELS_ENV, TangramAttnBackend, choose_kernels  # noqa: E402
+from tangram_sglang.backend import (  # noqa: E402
+    KERNELS_ENV,
+    KeptOwners,
+    TangramAttnBackend,
+    choose_kernels,
+)
 from tangram_sglang.budget import BudgetRule  # noqa: E402
 from tangram_sglang.layout import PoolLayout  # noqa: E402
 from tangram_sglang.pool import RaggedPool  # noqa: E402
@@ -73,6 +80,7 @@ class Pair:
             triton_runner, kernels="triton", num_sms=random.randint(1, 6)
         )
         self.triton.triton.workspace.o_part.fill_(float("nan"))
+        self.guard = contextlib.nullcontext  # around each Triton extend forward call
 
     @property
     def pool(self) -> RaggedPool:
@@ -101,6 +109,11 @@ class Pair:
             view = dataclasses.replace(self.pool.layer_view(layer_id), group_lens=prefix_lens)
             expected = ragged_extend(q, k, v, lens, view, rows, DIM**-0.5)
             self.check("extend", layer_id, q, k, v, expected, lens)
+        a, b = (alloc.logical_to_group for alloc in self.allocators)
+        assert torch.equal(a, b), (
+            f"the Triton path re-owned group slots differently from the torch path, lens {lens} "
+            f"seed {self.seed}"
+        )
         return new, states[1]
 
     def decode(self, rows):
@@ -120,8 +133,11 @@ class Pair:
         outs = []
         for backend in (self.torch, self.triton):
             forward = backend.forward_extend if what == "extend" else backend.forward_decode
-            flat = (x.reshape(len(x), -1) for x in (q, k, v))
-            outs.append(forward(*flat, layer, fake_batch(mode, [])).view_as(q))
+            flat = [x.reshape(len(x), -1) for x in (q, k, v)]
+            batch = fake_batch(mode, [])
+            guard = self.guard if backend is self.triton and what == "extend" else None
+            with guard() if guard else contextlib.nullcontext():
+                outs.append(forward(*flat, layer, batch).view_as(q))
         if expected is None:  # decode: the reference reads the token both just wrote
             rows = list(self.triton.state.rows)
             expected = ragged_decode(q, self.pool.layer_view(layer_id), rows, DIM**-0.5)
@@ -172,17 +188,89 @@ def test_triton_path_matches_torch_path_and_reference(gqa, dtype, poisoned_outpu
     hkv = 4 if gqa == 1 else 2
     pair = Pair(random_layout(hkv), hkv * gqa, dtype, seed)
     none = torch.empty(0, dtype=torch.long)
-    # Turn 1: a compressed segment, a short uncompressed one, a single token.
-    lens = [random.randint(12, 30), random.randint(2, RULE.sink + RULE.window), 1]
-    first, state = pair.extend([1, 2, 3], [none] * 3, lens)
-    assert [s.compress for s in state.segments] == [True, False, False], f"seed {seed}"
+    # Turn 1: compressed segments around a short uncompressed one and a single token.
+    short = RULE.sink + RULE.window
+    lens = [random.randint(12, 30), random.randint(2, short), 1, random.randint(12, 30)]
+    first, state = pair.extend([1, 2, 3, 4], [none] * 4, lens)
+    assert [s.compress for s in state.segments] == [True, False, False, True], f"seed {seed}"
     for _ in range(2):
-        pair.decode([1, 2, 3])
-    # Turn 2: compressed history (and a one-token history) as prefixes, in fresh rows.
-    pair.extend([4, 5], [first[0], first[2]], [random.randint(10, 20), 1])
+        pair.decode([1, 2, 3, 4])
+    # Turn 2: compressed history (a cut inside one, and a one-token history) as prefixes.
+    cut = random.randint(1, lens[3] - 1)
+    prefixes = [first[0], first[2], first[3][:cut]]
+    pair.extend([5, 6, 7], prefixes, [random.randint(10, 20), 1, random.randint(6, 20)])
     # No segment compresses: the plain write path.
-    pair.extend([6], [first[1]], [random.randint(1, RULE.sink + RULE.window)])
-    pair.decode([4, 5, 6])
+    pair.extend([8], [first[1]], [random.randint(1, short)])
+    pair.decode([5, 6, 7, 8])
+
+
+def test_triton_extend_layers_never_wait_for_the_device(monkeypatch):
+    """Every layer of an extend forward (attention, scoring, selection, owners, scatter)
+    issues device work only: no host read, no data-sized output, no tensor from host data
+    (see tests/host_reads.py for why this is checked by the calls, on CPU). Exempt: kernel
+    launches, and `KeptOwners.apply`, which runs once per forward after the last layer."""
+    seed = random.SystemRandom().randrange(2**31)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    pair = Pair(random_layout(2), 8, torch.float32, seed)
+    guard = HostReadGuard()
+    launches = []
+    run = type(scatter_kernel()).run
+
+    def launch(self, *args, **kwargs):
+        launches.append(self.__name__)
+        with guard.paused():
+            return run(self, *args, **kwargs)
+
+    def apply(owners, allocator, real=KeptOwners.apply):
+        with guard.paused():
+            real(owners, allocator)
+
+    monkeypatch.setattr(type(scatter_kernel()), "run", launch)
+    monkeypatch.setattr(KeptOwners, "apply", apply)
+    pair.guard = lambda: guard.armed(monkeypatch)
+    none = torch.empty(0, dtype=torch.long)
+    short = RULE.sink + RULE.window
+    lens = [random.randint(12, 30), random.randint(1, short), random.randint(12, 30), 1]
+    state = pair.extend([1, 2, 3, 4], [none] * 4, lens)[1]
+    assert [s.compress for s in state.segments] == [True, False, True, False], f"seed {seed}"
+    assert guard.ops > 0 and launches.count("_scatter_kernel") == LAYERS, (
+        f"the guard saw {guard.ops} ops and launches {launches}: it guarded nothing"
+    )
+
+
+def scatter_kernel():
+    from tangram_sglang.kernels import scatter
+
+    return scatter._scatter_kernel
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda x: x.sum().item(),
+        lambda x: bool(x.any()),
+        lambda x: int(x[0]),
+        lambda x: x.cpu(),
+        lambda x: x.tolist(),
+        lambda x: x.numpy(),
+        lambda x: x[x > 0],
+        lambda x: x.nonzero(),
+        lambda x: torch.unique(x),
+        lambda x: torch.tensor([1, 2]),
+        lambda x: torch.arange(3).repeat_interleave(x[:3].long().abs()),
+    ],
+    ids=["item", "bool", "int", "cpu", "tolist", "numpy", "mask", "nonzero", "unique", "tensor",
+         "repeat_interleave"],
+)  # fmt: skip
+def test_the_host_read_guard_catches_every_kind_of_sync(read, monkeypatch):
+    guard = HostReadGuard()
+    x = torch.randn(8)
+    with pytest.raises(HostRead), guard.armed(monkeypatch):
+        read(x)
+    with guard.armed(monkeypatch), guard.paused():
+        read(x)  # exempt while paused
+    read(x)  # and untouched once disarmed
 
 
 def test_kernel_choice_follows_argument_then_env_then_device(monkeypatch):

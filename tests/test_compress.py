@@ -17,13 +17,18 @@ from tangram_sglang.compress import (
     DuoAttention,
     ExpectedAttention,
     KeyDiff,
+    Scorer,
+    SegmentBatch,
     SnapKV,
     StreamingLLM,
     ada_allocation,
+    check_budgets,
     duo_split,
     pool1d,
     select,
+    select_batch,
 )
+from tangram_sglang.compress.base import partition_by_length
 
 # ------------------------------------------------------------ float64 references (numpy loops)
 
@@ -309,6 +314,125 @@ def test_ada_snapkv_allocates_with_ada_kv():
     scorer = AdaSnapKV(window_size=8)
     scores = scorer.score(q, k, v)
     assert scorer.allocate(scores, 4 * 40, rule) == ada_allocation(scores, 4 * 40, rule)
+
+
+# ------------------------------------------------------------ batched scoring and selection
+
+
+class PlainScorer(Scorer):
+    """A scorer with only `score`: the batched path falls back to a loop over it."""
+
+    def score(self, q, k, v):
+        return k.double().sum(-1).T * q.double().mean((1, 2))
+
+
+def ragged(rng, count):
+    """Random segment lengths (1, shorter than any window, long) and starts with gaps."""
+    lens = [int(rng.choice([1, rng.integers(2, 8), rng.integers(8, 90)])) for _ in range(count)]
+    gaps = rng.integers(0, 3, count)
+    starts = [int(sum(lens[:i]) + gaps[: i + 1].sum()) for i in range(count)]
+    return starts, lens
+
+
+BATCH_SCORERS = {
+    **{name: cls() for name, cls in SCORERS.items()},
+    "snapkv max/3 w8": SnapKV(window_size=8, kernel_size=3, pooling="max"),
+    "snapkv avg/1 w4": SnapKV(window_size=4, kernel_size=1),
+    "expected-attention plain": ExpectedAttention(use_covariance=False, use_vnorm=False),
+    "plain (loop fallback)": PlainScorer(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_SCORERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_score_batch_equals_score_of_each_segment(name, dtype):
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    scorer = BATCH_SCORERS[name]
+    hkv, group = [(4, 1), (2, 2), (2, 4)][rng.integers(3)]
+    starts, lens = ragged(rng, int(rng.integers(1, 9)))
+    q, k, v = qkv(max(starts) + max(lens) + 2, hkv * group, hkv, dtype=dtype, seed=seed)
+    # One part padded to the longest segment, and many small parts (merged after scoring).
+    for padding in (math.inf, 1.2):
+        segments = SegmentBatch(starts, lens, "cpu", padding, 0)
+        batch = scorer.score_batch(q, k, v, segments)
+        what = f"{name} {dtype} seed {seed} lens {lens} parts {len(segments.parts)}"
+        assert batch.shape == (len(lens), hkv, max(lens)), f"{what}: shape {batch.shape}"
+        for s, (start, n) in enumerate(zip(starts, lens, strict=True)):
+            rows = slice(start, start + n)
+            alone = scorer.score(q[rows], k[rows], v[rows])
+            assert batch.dtype == alone.dtype, f"{what}: dtype {batch.dtype} != {alone.dtype}"
+            tight = 1e-12 if alone.dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(
+                batch[s, :, :n], alone, rtol=tight, atol=tight * 0.1,
+                msg=lambda m, s=s, w=what: f"{w}: segment {s} differs from score(): {m}",
+            )  # fmt: skip
+            assert (batch[s, :, n:] == -math.inf).all(), f"{what}: segment {s} padding not -inf"
+
+
+def test_partition_by_length_bounds_the_padding_and_covers_every_segment():
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    for _ in range(200):
+        lens = [int(x) for x in rng.integers(1, 5000, rng.integers(1, 40))]
+        padding, floor = float(rng.uniform(1.0, 3.0)), int(rng.integers(0, 9000))
+        parts = partition_by_length(lens, padding, floor)
+        assert sorted(i for p in parts for i in p) == list(range(len(lens))), parts
+        for part in parts:
+            assert part == sorted(part), f"part {part} is not ascending"
+            real = sum(lens[i] for i in part)
+            padded = len(part) * max(lens[i] for i in part)
+            assert len(part) == 1 or padded <= max(floor, padding * real), (
+                f"lens {lens}: part {part} pads {real} tokens to {padded} "
+                f"(max_padding {padding}, min_tokens {floor})"
+            )
+
+
+@given(
+    lens=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    heads=st.integers(1, 4),
+    sink=st.integers(0, 6),
+    window=st.integers(0, 12),
+    ties=st.booleans(),
+    data=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_select_batch_equals_select_of_each_segment(lens, heads, sink, window, ties, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    rule = BudgetRule(sink=sink, window=window)
+    width = max(lens)
+    scores = random_scores(rng, len(lens) * heads, width, ties).view(len(lens), heads, width)
+    # Padding holds anything (even +inf): select_batch must never pick it.
+    scores[0, 0, -1] = math.inf
+    kept = [[data.draw(st.integers(min(n, sink + window), n)) for _ in range(heads)] for n in lens]
+    check_budgets(lens, kept, rule)
+    top = max(max(row) for row in kept)
+    out = select_batch(scores, torch.tensor(lens), torch.tensor(kept), rule, top)
+    assert out.shape == (len(lens), heads, top) and out.dtype == torch.int64
+    for s, n in enumerate(lens):
+        chosen = select(scores[s, :, :n], kept[s], rule)
+        for h in range(heads):
+            got = out[s, h].tolist()
+            assert got[: kept[s][h]] == chosen[h].tolist(), (
+                f"segment {s} head {h}: {got[: kept[s][h]]} != select {chosen[h].tolist()}"
+            )
+            assert got[kept[s][h] :] == [-1] * (top - kept[s][h]), f"padding {got}"
+
+
+def test_batched_inputs_are_checked_by_name():
+    rule = BudgetRule(sink=2, window=3)
+    with pytest.raises(ValueError, match=r"kept\[1\]\[0\] = 3 is outside \[4, 10\]"):
+        check_budgets([10, 10], [[5, 5], [3, 5]], BudgetRule(sink=1, window=3))
+    with pytest.raises(ValueError, match="lens must be"):
+        select_batch(torch.zeros(2, 3, 9), torch.tensor([9]), torch.ones(2, 3), rule)
+    with pytest.raises(ValueError, match="kept must be"):
+        select_batch(torch.zeros(2, 3, 9), torch.tensor([9, 9]), torch.ones(2, 2), rule)
+    with pytest.raises(ValueError, match="width 10"):
+        select_batch(torch.zeros(2, 3, 9), torch.tensor([9, 9]), torch.ones(2, 3), rule, 10)
+    with pytest.raises(ValueError, match="lens .* must be >= 1"):
+        SegmentBatch([0, 4], [4, 0])
+    q, k, v = qkv(10, 4, 2)
+    with pytest.raises(ValueError, match="reach row 12 but the scorer inputs have 10"):
+        SnapKV().score_batch(q, k, v, SegmentBatch([0, 6], [6, 6]))
 
 
 # ------------------------------------------------------------ Duo-style heads

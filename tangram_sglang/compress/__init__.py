@@ -2,12 +2,16 @@
 
 from tangram_sglang.compress.ada_snapkv import AdaSnapKV
 from tangram_sglang.compress.base import (
+    PaddedSegments,
     Scorer,
+    SegmentBatch,
     ada_allocation,
+    check_budgets,
     forced_mask,
     group_mean,
     pool1d,
     select,
+    select_batch,
     window_attention,
 )
 from tangram_sglang.compress.duo import DuoAttention, duo_split
@@ -33,15 +37,19 @@ __all__ = [
     "DuoAttention",
     "ExpectedAttention",
     "KeyDiff",
+    "PaddedSegments",
     "Scorer",
+    "SegmentBatch",
     "SnapKV",
     "StreamingLLM",
     "TOVA",
     "ada_allocation",
+    "check_budgets",
     "duo_split",
     "forced_mask",
     "group_mean",
     "pool1d",
     "select",
+    "select_batch",
     "window_attention",
 ]

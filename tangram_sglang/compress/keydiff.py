@@ -7,7 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tangram_sglang.compress.base import Scorer, checked
+from tangram_sglang.compress.base import (
+    PaddedSegments,
+    Scorer,
+    checked,
+    scoring_dtype,
+)
 
 
 @dataclass
@@ -21,3 +26,11 @@ class KeyDiff(Scorer):
         q, k, v = checked(q, k, v)
         anchor = F.normalize(k, dim=-1).mean(0, keepdim=True)
         return -F.cosine_similarity(k, anchor, dim=-1).T
+
+    def score_padded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: PaddedSegments
+    ) -> torch.Tensor:
+        keys = k[part.rows].to(scoring_dtype(q))  # [n, width, Hkv, D]
+        unit = F.normalize(keys, dim=-1).masked_fill(~part.valid[:, :, None, None], 0.0)
+        anchor = unit.sum(1, keepdim=True) / part.lengths[:, None, None, None]
+        return part.pad(-F.cosine_similarity(keys, anchor, dim=-1).transpose(1, 2))

@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.compress.base import Scorer, checked, group_mean, pool1d, window_attention
+from tangram_sglang.compress.base import (
+    PaddedSegments,
+    Scorer,
+    checked,
+    group_mean,
+    pool1d,
+    scoring_dtype,
+    window_attention,
+    window_attention_mean,
+)
 
 
 @dataclass
@@ -29,3 +38,20 @@ class SnapKV(Scorer):
         attention = group_mean(window_attention(q[t - w :], k).mean(1), k.shape[1])
         prefix = pool1d(attention[:, : t - w], self.kernel_size, self.pooling)
         return torch.cat([prefix, torch.full_like(attention[:, t - w :], float("inf"))], dim=1)
+
+    def score_padded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: PaddedSegments
+    ) -> torch.Tensor:
+        """`score` of every segment in one pass: pooled over the prefix alone (zeros, or
+        -inf for max pooling, beyond it, as `pool1d` pads the prefix slice)."""
+        dtype = scoring_dtype(q)
+        attention = window_attention_mean(q, k, part, self.window_size)
+        hkv, s, width = attention.shape
+        window = part.window(self.window_size, q.shape[1] // hkv)
+        outside = 0.0 if self.pooling == "avg" else float("-inf")
+        pooled = pool1d(
+            attention.masked_fill_(~window.prefix, outside).view(hkv * s, width),
+            self.kernel_size,
+            self.pooling,
+        ).view(hkv, s, width)
+        return torch.where(window.prefix, pooled, window.tail.to(dtype)).transpose(0, 1)

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.compress.base import Scorer, checked
+from tangram_sglang.compress.base import (
+    PaddedSegments,
+    Scorer,
+    checked,
+    scoring_dtype,
+)
 
 
 @dataclass
@@ -20,3 +25,9 @@ class StreamingLLM(Scorer):
         q, k, v = checked(q, k, v)
         positions = torch.arange(k.shape[0], dtype=k.dtype, device=k.device)
         return positions.expand(k.shape[1], -1).clone()
+
+    def score_padded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: PaddedSegments
+    ) -> torch.Tensor:
+        positions = part.positions.to(scoring_dtype(q))
+        return part.pad(positions.expand(len(part), k.shape[1], -1))

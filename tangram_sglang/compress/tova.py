@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.compress.base import Scorer, checked, group_mean, window_attention
+from tangram_sglang.compress.base import (
+    PaddedSegments,
+    Scorer,
+    checked,
+    group_mean,
+    window_attention,
+    window_attention_mean,
+)
 
 
 @dataclass
@@ -19,3 +26,9 @@ class TOVA(Scorer):
     def score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = checked(q, k, v)
         return group_mean(window_attention(q[-1:], k)[:, 0], k.shape[1])
+
+    def score_padded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: PaddedSegments
+    ) -> torch.Tensor:
+        mean = window_attention_mean(q, k, part, 1)
+        return part.pad(mean.transpose(0, 1))
