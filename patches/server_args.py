@@ -47,7 +47,7 @@ FORCED = {
     # SGLang 0.5.17 captures prefill ("breakable" by default on CUDA) with dummy extend
     # batches that no allocation hook precedes, and our extend selects the kept tokens on
     # the host per layer: it stays eager (prefill is compute-bound; graphs buy little).
-    "disable_prefill_cuda_graph": "the tangram extend selects tokens on the host, eagerly",
+    "disable_prefill_cuda_graph": "the tangram extend builds its segment tables per forward, eagerly",
 }
 
 

@@ -151,7 +151,7 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         check sessions --url "$URL" --out "$OUT/sessions.json" --vocab "$VOCAB" \
           --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
           --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
-          --system-tokens "${SYSTEM_TOKENS:-256}" ${ALLOW_MISSES:+--allow-misses}
+          --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
         rc=$?
         grep -E "tangram" "$OUT/server-tangram-r0.25.log" | grep -i -E "sessions|bytes|group" | cut -c1-300 | head -6
         halt tangram-r0.25
@@ -165,7 +165,7 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         check sessions --url "$URL" --out "$OUT/sessions-stock.json" --vocab "$VOCAB" \
           --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
           --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
-          --system-tokens "${SYSTEM_TOKENS:-256}" ${ALLOW_MISSES:+--allow-misses}
+          --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
         rc=$?
         grep -E "max_total_num_tokens|KV Cache is allocated" "$OUT/server-stock-sessions.log" | cut -c1-200 | head -3
         halt stock-sessions
