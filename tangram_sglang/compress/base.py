@@ -353,13 +353,8 @@ def select(
     heads, t = scores.shape
     if len(kept_per_head) != heads:
         raise ValueError(f"kept_per_head has {len(kept_per_head)} entries for {heads} kv heads")
-    low = _minimum(t, rule)
     for h, kept in enumerate(kept_per_head):
-        if not low <= kept <= t:
-            raise ValueError(
-                f"kept_per_head[{h}] = {kept} is outside [{low}, {t}] for a segment of {t} "
-                f"tokens with sink {rule.sink} and window {rule.window}"
-            )
+        _check_budget(f"kept_per_head[{h}]", kept, t, rule)
     order = _keep_order(scores, rule)
     return [order[h, : int(kept)].sort().values for h, kept in enumerate(kept_per_head)]
 
@@ -370,13 +365,18 @@ def check_budgets(lens: Sequence[int], kept: Sequence[Sequence[int]], rule: Budg
     if len(kept) != len(lens):
         raise ValueError(f"kept has {len(kept)} rows for {len(lens)} segments")
     for s, (n, row) in enumerate(zip(lens, kept, strict=True)):
-        low = _minimum(n, rule)
         for i, count in enumerate(row):
-            if not low <= count <= n:
-                raise ValueError(
-                    f"kept[{s}][{i}] = {count} is outside [{low}, {n}] for a segment of {n} "
-                    f"tokens with sink {rule.sink} and window {rule.window}"
-                )
+            _check_budget(f"kept[{s}][{i}]", count, n, rule)
+
+
+def _check_budget(name: str, kept: int, t: int, rule: BudgetRule) -> None:
+    """A head keeps between its forced tokens and the whole segment of `t` tokens."""
+    low = _minimum(t, rule)
+    if not low <= kept <= t:
+        raise ValueError(
+            f"{name} = {kept} is outside [{low}, {t}] for a segment of {t} tokens with sink "
+            f"{rule.sink} and window {rule.window}"
+        )
 
 
 def select_batch(
