@@ -29,6 +29,9 @@ Lengths per group are `budget.kept_tokens(context, ratio)` (sink 4, window 32).
 The bandwidth floor of a point is its KV bytes read per step over the device-to-device
 copy bandwidth measured in the same run (bytes read + written / time). Layers cycle
 through enough distinct KV buffers that the working set is >= 4x the L2 cache.
+`stream_read` measures, per point, a step of 36 launches that each read that layer's KV
+bytes contiguously (one row reduction): the floor's practical counterpart where a layer
+reads little, since any step of 36 dependent launches pays each launch's start and tail.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ RULE = BudgetRule(sink=4, window=32)
 DTYPE = torch.bfloat16
 FULL_METHODS = ("flashinfer_full", "sglang_triton_full")
 RAGGED_METHODS = ("ragged_aot", "ragged_replan", "ragged_aot_flashinfer")
+REFERENCE_METHODS = ("stream_read",)
+STREAM_MAX_LAYER_BYTES = 1 << 30  # stream_read runs where one layer reads at most this
 
 
 @dataclass(frozen=True)
@@ -237,7 +242,7 @@ class Storage:
         device: str = "cuda",
     ) -> None:
         groups, layers, dim = layout.num_groups, layout.num_layers, layout.head_dim
-        self.layout, self.batch, self.page = layout, batch, page
+        self.layout, self.batch, self.page, self.l2_bytes = layout, batch, page, l2_bytes
         self.lens = [kept_tokens(context, r, RULE) for r in layout.ratios]
         pages = [-(-n // page) for n in self.lens]
         self.capacity = [batch * p * page + page for p in pages]  # + the padding page
@@ -290,11 +295,14 @@ class Storage:
                     self.group_lens,
                 )
             )
-        self.kv_bytes = sum(
-            batch * self.lens[g] * dim * 2 * DTYPE.itemsize * len(layout.heads[g][layer])
+        self.layer_bytes = [
+            sum(
+                batch * self.lens[g] * dim * 2 * DTYPE.itemsize * len(layout.heads[g][layer])
+                for g in range(groups)
+            )
             for layer in range(layers)
-            for g in range(groups)
-        )
+        ]
+        self.kv_bytes = sum(self.layer_bytes)
         self.lens_host = torch.tensor(self.lens, dtype=torch.int64)[:, None].expand(-1, batch)
 
 
@@ -442,6 +450,25 @@ class Methods:
             None,
             {"ctas_per_layer": round(statistics.mean(w.num_items for w in works) * store.batch, 1)},
         )
+
+    def stream_read(self):
+        """Per layer, one launch reading that layer's KV bytes contiguously (a row max over
+        rows of 512 elements), through distinct buffers covering >= 4x L2."""
+        store = self.store
+        sizes = [n // DTYPE.itemsize // 512 * 512 for n in store.layer_bytes]
+        widest = max(sizes)
+        if widest * DTYPE.itemsize > STREAM_MAX_LAYER_BYTES:
+            raise NotApplicable(f"a layer reads more than {STREAM_MAX_LAYER_BYTES >> 20} MiB")
+        copies = min(len(sizes), max(1, -(-4 * store.l2_bytes // (widest * DTYPE.itemsize))))
+        bufs = [torch.randn(widest, device="cuda", dtype=DTYPE) for _ in range(copies)]
+        out = torch.empty(widest // 512, device="cuda", dtype=DTYPE)
+
+        def step() -> None:
+            for layer, n in enumerate(sizes):
+                buf = bufs[layer % copies][:n].view(-1, 512)
+                torch.amax(buf, dim=1, out=out[: n // 512])
+
+        return capture(step), None, {"stream_copies": copies}
 
     def _flashinfer(self, mode: str):
         from tangram_sglang.flashinfer_path import FlashInferRaggedDecode
@@ -783,7 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         help="no GPU: check the arguments, build every variant's plan and device tables on "
         "the CPU and print its CTA model per point",
     )
-    ap.add_argument("--methods", default=",".join(RAGGED_METHODS + FULL_METHODS))
+    ap.add_argument(
+        "--methods", default=",".join(RAGGED_METHODS + FULL_METHODS + REFERENCE_METHODS)
+    )
     ap.add_argument("--no-grouping-compare", action="store_true")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--command", default=" ".join(sys.argv))
@@ -894,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             variant = variant_for(batch)
             methods = Methods(store, plan_for(layout, variant), variant, sm_count, sglang_decode)
-            names = [n for n in RAGGED_METHODS if n in wanted]
+            names = [n for n in RAGGED_METHODS + REFERENCE_METHODS if n in wanted]
             if kept >= 1.0:
                 names += [
                     n
@@ -988,6 +1017,11 @@ def summarize(result: dict) -> dict:
             replan = _ms(rows, 64, r["context"], r["kept"], "ragged_replan")
             if replan:
                 b64[f"{r['context']}@{r['kept']}"] = round(replan / r["ms"], 3)
+    vs_stream = {}
+    for r in big:
+        stream = _ms(rows, r["batch"], r["context"], r["kept"], "stream_read")
+        if stream:
+            vs_stream[f"b{r['batch']}/{r['context']}@{r['kept']}"] = round(r["ms"] / stream, 3)
     aot_min = min(b64.values()) if b64 else None
     geo = round(math.exp(statistics.mean(math.log(x) for x in b64.values())), 3) if b64 else None
     return {
@@ -996,6 +1030,7 @@ def summarize(result: dict) -> dict:
         "speedup_vs_flashinfer_full_25pct_b4_32k": speedup,
         "worst_ratio_to_bandwidth_floor": worst["ratio_to_floor"] if worst else None,
         "worst_point": {k: worst[k] for k in ("batch", "context", "kept")} if worst else None,
+        "ours_vs_stream_read": vs_stream,
         "aot_vs_replan_speedup_b64": aot_min,
         "aot_vs_replan_speedup_b64_definition": "min over batch-64 points with kept < 100% "
         "of ragged_replan ms / ragged_aot ms",
@@ -1010,6 +1045,7 @@ def summarize(result: dict) -> dict:
 
 
 COLUMNS = (
+    ("stream_read", "36 contiguous reads"),
     ("ragged_aot", "ours (AOT)"),
     ("ragged_replan", "ragged replan"),
     ("ragged_aot_flashinfer", "ragged AOT-FlashInfer"),
@@ -1055,7 +1091,7 @@ def render_markdown(result: dict) -> str:
             elif "ms" in r:
                 cells.append(f"{r['ms']:.3f} [{r['ratio_to_floor']:.2f}]")
             elif "not_applicable" in r:
-                cells.append("n/a (int32 offsets)")
+                cells.append("n/a (int32 offsets)" if "int32" in r["not_applicable"] else "n/a")
             else:
                 cells.append("error")
         replan = group.get("ragged_replan", {})
