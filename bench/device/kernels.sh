@@ -61,7 +61,7 @@ say "== benchmark (all points; ours, replan, full-KV baselines)"
 left=$((DEADLINE_S - ($(date +%s) - START)))
 timeout $((left + 60)) "$PY" "$REPO/bench/kernels.py" --budget-s "$left" --variant "$VARIANT" \
   --sweep-budget-s "${SWEEP_BUDGET_S:-200}" \
-  --methods stream_read,ragged_aot,ragged_replan,flashinfer_full,sglang_triton_full \
+  --methods layer_copy,ragged_aot,ragged_replan,flashinfer_full,sglang_triton_full \
   --out "$OUT/kernels.json" --command "bash bench/device/kernels.sh" ${BENCH_ARGS:-}
 say "benchmark exit: $?"
 
