@@ -45,9 +45,10 @@ SOURCE = "tangram-sglang"  # provenance recorded by ServerArgs.override
 FORCED = {
     "disable_overlap_schedule": "the allocation hooks hand the next forward its slots",
     # SGLang 0.5.17 captures prefill ("breakable" by default on CUDA) with dummy extend
-    # batches that no allocation hook precedes, and our extend selects the kept tokens on
-    # the host per layer: it stays eager (prefill is compute-bound; graphs buy little).
-    "disable_prefill_cuda_graph": "the tangram extend builds its segment tables per forward, eagerly",
+    # batches that no allocation hook precedes, and our extend builds its segment tables
+    # (scoring parts, selection widths) per forward: it stays eager (prefill is
+    # compute-bound; graphs buy little).
+    "disable_prefill_cuda_graph": "the tangram extend builds its segment tables per forward",
 }
 
 
