@@ -275,14 +275,16 @@ def _split_kernel(
     else:
         item = tl.program_id(0)
         b = tl.program_id(1)
-    # Static tables (the plan's and the pool's, written once at start-up), the request's
-    # row and length (written before the step, outside any graph) ...
+    # Static tables (the plan's and the pool's, written once at start-up) ...
     h = tl.load(Items + item * 2)
     s = tl.load(Items + item * 2 + 1)
     n_split = tl.load(HeadSplits + h)
     g = tl.load(HeadGroup + h).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
+    if USE_PDL:  # ... then what earlier kernels of the step write: q, K/V, lengths.
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.load(ReqRows + b).to(tl.int64)
     length = tl.load(GroupLens + g * stride_gl_g + r)
 
@@ -299,25 +301,6 @@ def _split_kernel(
     else:
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
-    slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
-    # ... and the split's first tile but the row's last token (the step's own, which the
-    # kernel just before may still be writing), all before waiting on that kernel ...
-    offs_n = start + tl.arange(0, BLOCK_N)
-    first = offs_n < end
-    k0, v0 = load_ragged_kv(
-        K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_n, first & (offs_n < length - 1),
-        offs_d, mask_d,
-    )  # fmt: skip
-    if USE_PDL:  # ... then what earlier kernels of the step write: q and the last token.
-        gdc_wait()
-        gdc_launch_dependents()
-    last = first & (offs_n == length - 1)
-    k1, v1 = load_ragged_kv(
-        K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_n, last, offs_d, mask_d
-    )
-    k0 = tl.where(last[:, None], k1, k0)
-    v0 = tl.where(last[:, None], v1, v0)
-
     q_heads = h * GQA + offs_h
     q = tl.load(
         Q + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
@@ -326,13 +309,12 @@ def _split_kernel(
     )
     if DOT_F32:
         q = q.to(tl.float32)
+    slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    if end > start:
-        m_i, l_i, acc = online_update(q, k0, v0, first[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         k, v = load_ragged_kv(
@@ -490,13 +472,10 @@ def decode_attention(
     """Ragged decode for one layer: q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype).
 
     `req_rows` `[B]` (int32/int64, on the device) are the request rows in `req_to_slot`;
-    `work` is `DecodeSchedule.layer(B, layer)`. With programmatic dependent launch a split
-    reads its first K/V tile before the kernel launched just before it has finished, all
-    but each row's last slot (the step's own token, which that kernel, the scatter, may
-    be writing); `req_rows`, `req_to_slot` and `group_lens` must be final before launch.
-    `lse` `[B, Hq]` fp32, if given, receives the natural-log log-sum-exp (-inf for an empty
-    row). `launch` picks the launch variant (`DecodeLaunch`); a fused merge keeps its
-    arrival counters in the workspace (each back at 0 after the launch).
+    `work` is `DecodeSchedule.layer(B, layer)`. `lse` `[B, Hq]` fp32, if given, receives
+    the natural-log log-sum-exp (-inf for an empty row). `launch` picks the launch variant
+    (`DecodeLaunch`); a fused merge keeps its arrival counters in the workspace (each
+    back at 0 after the launch).
     """
     _check_decode_args(q, kv, req_rows, work)
     batch, hq, dim = q.shape
