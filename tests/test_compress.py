@@ -200,14 +200,18 @@ def random_scores(rng, heads, t, ties):
     return torch.tensor(values, dtype=torch.float32)
 
 
-@given(
-    t=st.integers(1, 60),
-    heads=st.integers(1, 4),
-    sink=st.integers(0, 6),
-    window=st.integers(0, 12),
-    ties=st.booleans(),
-    data=st.data(),
-)
+# What a selection property test draws besides its lengths: heads, the forced-token rule,
+# tied or distinct scores, and the budgets.
+SELECTION_DRAWS = {
+    "heads": st.integers(1, 4),
+    "sink": st.integers(0, 6),
+    "window": st.integers(0, 12),
+    "ties": st.booleans(),
+    "data": st.data(),
+}
+
+
+@given(t=st.integers(1, 60), **SELECTION_DRAWS)
 @settings(max_examples=200, deadline=None)
 def test_select_forces_sink_and_window_and_keeps_exactly_the_budget(
     t, heads, sink, window, ties, data
@@ -387,14 +391,7 @@ def test_partition_by_length_bounds_the_padding_and_covers_every_segment():
             )
 
 
-@given(
-    lens=st.lists(st.integers(1, 40), min_size=1, max_size=6),
-    heads=st.integers(1, 4),
-    sink=st.integers(0, 6),
-    window=st.integers(0, 12),
-    ties=st.booleans(),
-    data=st.data(),
-)
+@given(lens=st.lists(st.integers(1, 40), min_size=1, max_size=6), **SELECTION_DRAWS)
 @settings(max_examples=200, deadline=None)
 def test_select_batch_equals_select_of_each_segment(lens, heads, sink, window, ties, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
