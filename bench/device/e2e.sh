@@ -12,7 +12,8 @@
 #       local tiny tokenizer and its vocabulary) reuses its earlier turns.
 #   A phase "gputests" (first, if named) runs the compiled backend/CUDA-graph tests.
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
-# Phase "sessions-stock" (not in the default list) runs the sessions on stock SGLang.
+# Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
+# sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio.
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3),
@@ -109,6 +110,20 @@ halt() {  # stop the server started last (its whole process group)
   grep -E "Traceback|Error" "$OUT/server-$1.log" | grep -v -E "Warning|openai_harmony" | head -5
 }
 check() { "$PY" "$REPO/bench/device/e2e_check.py" "$@"; }
+sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check, halt; sets rc
+  local name=$1 json=$2; shift 2
+  rc=1
+  serve "$name" "$MODEL" --skip-tokenizer-init "$@" \
+    --max-running-requests "$((${SESSIONS:-200} + 56))" || return
+  check sessions --url "$URL" --out "$OUT/$json" --vocab "$VOCAB" \
+    --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
+    --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
+    --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
+  rc=$?
+  grep -E "tangram: (sessions|[0-9,]+ KV bytes)|max_total_num_tokens|KV Cache is allocated" \
+    "$OUT/server-$name.log" | cut -c1-300 | head -4
+  halt "$name"
+}
 
 declare -A RC
 for phase in ${PHASES:-gputests greedy sessions frontend}; do
@@ -145,31 +160,12 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       fi
       halt stock-fp32; SERVER_ENV=() ;;
     sessions)
-      rc=1
-      if serve tangram-r0.25 "$MODEL" --skip-tokenizer-init "${tangram[@]}" --tangram-ratio 0.25 \
-          --max-running-requests "$((${SESSIONS:-200} + 56))"; then
-        check sessions --url "$URL" --out "$OUT/sessions.json" --vocab "$VOCAB" \
-          --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
-          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
-          --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
-        rc=$?
-        grep -E "tangram" "$OUT/server-tangram-r0.25.log" | grep -i -E "sessions|bytes|group" | cut -c1-300 | head -6
-        halt tangram-r0.25
-      fi ;;
+      sessions tangram-r0.25 sessions.json "${tangram[@]}" --tangram-ratio 0.25 ;;
+    sessions-uniform)  # the same sessions, one ratio for every head (the fair baseline)
+      sessions uniform-r0.25 sessions-uniform.json --kv-compression uniform --tangram-ratio 0.25 ;;
     sessions-stock)  # the same sessions on stock SGLang (full KV), for a side-by-side
-      rc=1
       SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
-      if serve stock-sessions "$MODEL" --skip-tokenizer-init \
-          --attention-backend "${STOCK_BACKEND:-triton}" \
-          --max-running-requests "$((${SESSIONS:-200} + 56))"; then
-        check sessions --url "$URL" --out "$OUT/sessions-stock.json" --vocab "$VOCAB" \
-          --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
-          --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
-          --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
-        rc=$?
-        grep -E "max_total_num_tokens|KV Cache is allocated" "$OUT/server-stock-sessions.log" | cut -c1-200 | head -3
-        halt stock-sessions
-      fi
+      sessions stock-sessions sessions-stock.json --attention-backend "${STOCK_BACKEND:-triton}"
       SERVER_ENV=() ;;
     frontend)
       rc=1
