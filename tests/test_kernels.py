@@ -387,7 +387,7 @@ def test_scatter_writes_what_write_selected_writes(page: int) -> None:
         assert torch.equal(ref.nan_to_num(), got.nan_to_num()), (
             f"{name}: scatter wrote different values than write_selected, seed {seed}"
         )
-        if sum(kept):
+        if any(kept[g] for g in group_of):  # some head of this layer keeps a token
             assert not torch.equal(got.nan_to_num(), old.nan_to_num()), "nothing was written"
 
 
