@@ -13,7 +13,6 @@ import msgspec
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
-from tangram_sglang.budget import serving_workload
 from tangram_sglang.config import ConfigError, TangramConfig
 from tangram_sglang.planner import serving_sessions
 
@@ -43,7 +42,7 @@ def init_pools(
     _check_model(profile, self)
     req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=sizes.max_running_requests)
     table = req_to_token_pool.req_to_token
-    workload = serving_workload(table.shape[1])
+    workload = config.serving_workload(table.shape[1])
     kv_pool, allocator = build_tangram_pools(
         profile,
         config.ratio,

@@ -82,6 +82,13 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         "--tangram-method",
         help=f"Token scoring method ({', '.join(SCORERS)}); default: the profile's.",
     )
+    group.add_argument(
+        "--tangram-workload",
+        metavar="CONTEXT,TURNS,USER,ANSWER",
+        help="Session shape the head-group pools are split for: first prompt tokens, turns, "
+        "user and answer tokens per turn (default: a 4-turn chat whose first prompt is half "
+        "the context, at most 8192 tokens, 256 user + 256 answer tokens per turn).",
+    )
 
 
 def unsupported(args: Any) -> list[str]:

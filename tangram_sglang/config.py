@@ -1,4 +1,4 @@
-"""Tangram's serving settings: the four CLI flags as one value, checked once at start-up.
+"""Tangram's serving settings: the five CLI flags as one value, checked once at start-up.
 
 The flags reach every SGLang process as attributes of its `ServerArgs` (see
 `tangram_sglang.patches.server_args`); `TangramConfig.from_server_args` reads them back in
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tangram_sglang.budget import Workload, serving_workload
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
@@ -28,13 +29,16 @@ FLAGS = {
     "profile": "--tangram-profile",
     "ratio": "--tangram-ratio",
     "method": "--tangram-method",
+    "workload": "--tangram-workload",
 }
 ATTRIBUTES = {
     "mode": "kv_compression",
     "profile": "tangram_profile",
     "ratio": "tangram_ratio",
     "method": "tangram_method",
+    "workload": "tangram_workload",
 }
+WORKLOAD_FIELDS = ("context", "turns", "user_tokens", "answer_tokens")
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,7 @@ class TangramConfig:
     profile: str | None = None
     ratio: float | None = None
     method: str | None = None
+    workload: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -68,6 +73,26 @@ class TangramConfig:
         if self.method:
             return self.method
         return profile.method if profile.method in SCORERS else DEFAULT_METHOD
+
+    def serving_workload(self, max_context: int) -> Workload:
+        """The session shape the head-group pools are split for: --tangram-workload
+        CONTEXT,TURNS,USER,ANSWER, else `budget.serving_workload(max_context)`. The split
+        only fits sessions of about this shape: decoded and forced tokens cost every group
+        a slot, compressed prompt tokens only their group's ratio."""
+        if self.workload is None:
+            return serving_workload(max_context)
+        parts = str(self.workload).split(",")
+        try:
+            values = [int(x) for x in parts]
+        except ValueError:
+            values = []
+        if len(values) != len(WORKLOAD_FIELDS) or min(values) < 1:
+            raise ConfigError(
+                f"--tangram-workload {self.workload!r} must be CONTEXT,TURNS,USER,ANSWER: four "
+                "positive token/turn counts (first prompt, turns, user and answer tokens per "
+                "turn), e.g. 4096,4,256,256"
+            )
+        return Workload(**dict(zip(WORKLOAD_FIELDS, values, strict=True)))
 
     def server_args_fields(self) -> dict[str, Any]:
         """The attributes `from_server_args` reads back, keyed by attribute name."""
@@ -101,7 +126,9 @@ class TangramConfig:
         if self.mode not in MODES:
             raise ConfigError(f"--kv-compression {self.mode!r} is not one of {', '.join(MODES)}")
         if not self.enabled:
-            stray = [FLAGS[f] for f in ("profile", "ratio", "method") if getattr(self, f)]
+            stray = [
+                FLAGS[f] for f in ("profile", "ratio", "method", "workload") if getattr(self, f)
+            ]
             if stray:
                 raise ConfigError(
                     f"{', '.join(stray)} given without --kv-compression: add "
@@ -119,6 +146,8 @@ class TangramConfig:
             raise ConfigError(
                 f"--tangram-method {self.method!r} is unknown; known: {', '.join(SCORERS)}"
             )
+        if self.workload is not None:
+            self.serving_workload(0)  # refuses a malformed value, naming the flag
         if self.mode == "tangram" and not self.profile:
             raise ConfigError("--kv-compression tangram needs --tangram-profile FILE")
         if self.mode == "uniform":

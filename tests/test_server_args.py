@@ -18,6 +18,7 @@ import random
 import pytest
 
 from tangram_sglang import plugin
+from tangram_sglang.budget import serving_workload
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import ConfigError, TangramConfig, model_conflicts
 from tangram_sglang.profile import ModelIdentity, uniform_profile
@@ -99,6 +100,21 @@ def test_tangram_flags_are_stored_and_select_our_backends(model_dir, profile_fil
     assert server_args.radix_cache_backend == "tangram"
 
 
+def test_the_pools_are_split_for_the_given_session_shape(model_dir):
+    shape = [random.randint(64, 8192), random.randint(1, 8), random.randint(1, 512)]
+    shape.append(random.randint(1, 512))
+    workload = ",".join(map(str, shape))
+    flags = ["--kv-compression", "uniform", "--tangram-ratio", "0.5"]
+    config = TangramConfig.from_server_args(
+        parse(_base(model_dir) + flags + ["--tangram-workload", workload])
+    )
+    assert config.workload == workload, f"--tangram-workload {workload} not stored"
+    got = config.serving_workload(8192)
+    assert (got.context, got.turns, got.user_tokens, got.answer_tokens) == tuple(shape), got
+    default = TangramConfig.from_server_args(parse(_base(model_dir) + flags))
+    assert default.serving_workload(8192) == serving_workload(8192), "default shape changed"
+
+
 def test_uniform_mode_needs_no_profile(model_dir):
     ratio = round(random.uniform(0.05, 1.0), 4)
     server_args = parse(
@@ -124,6 +140,16 @@ BAD_INPUTS = [
     ("ratio-1.5", ["--tangram-ratio", "1.5"], "--tangram-ratio 1.5 is outside (0, 1]"),
     ("ratio-nan", ["--tangram-ratio", "nan"], "--tangram-ratio nan is outside (0, 1]"),
     ("unknown-method", ["--tangram-method", "magic"], "--tangram-method 'magic' is unknown"),
+    (
+        "workload-3-fields",
+        ["--tangram-workload", "4096,4,256"],
+        "--tangram-workload '4096,4,256' must be CONTEXT,TURNS,USER,ANSWER",
+    ),
+    (
+        "workload-zero-turns",
+        ["--tangram-workload", "4096,0,256,64"],
+        "--tangram-workload '4096,0,256,64' must be CONTEXT,TURNS,USER,ANSWER",
+    ),
     (
         "speculative",
         ["--speculative-algorithm", "EAGLE"],
@@ -196,6 +222,7 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
         ),
         (["--tangram-ratio", "0.5"], "--tangram-ratio given without --kv-compression"),
         (["--tangram-profile", "p.yaml"], "--tangram-profile given without --kv-compression"),
+        (["--tangram-workload", "9,9,9,9"], "--tangram-workload given without --kv-compression"),
     ],
     ids=[
         "tangram-no-profile",
@@ -203,6 +230,7 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
         "uniform-with-profile",
         "stray-ratio",
         "stray-profile",
+        "stray-workload",
     ],
 )
 def test_missing_or_stray_flag_is_refused(model_dir, flags, message):
