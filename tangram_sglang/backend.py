@@ -142,7 +142,6 @@ class _ExtendBatch:
     max_extend_len: int
     prefix_lens: torch.Tensor  # [G, R+1] int32: the batch rows' prefix lengths
     slots: tuple[torch.Tensor, ...]  # per group, the segments' slots concatenated
-    starts: tuple[int, ...]  # first token of each segment
     scatter: SelectionScatter | None  # the kept tokens' scatter (None: nothing compresses)
 
 
@@ -187,25 +186,7 @@ class KeptOwners:
         self.latest = torch.full(
             (num_groups, len(self.segments), max(width, 1)), -1, dtype=torch.int64, device=device
         )
-        # Per segment, the groups that had a member head in some updated layer (host).
-        self.seen: list[set[int]] = [set() for _ in self.segments]
-
-    def update(self, index: int, members: Sequence[Sequence[int]], chosen) -> None:
-        """Segment `index` kept `chosen[h]` (ascending positions) for kv head h in a layer
-        whose group g holds kv heads `members[g]`."""
-        kept = self.segments[index].kept
-        for g, heads in enumerate(members):
-            if not heads:
-                continue
-            latest = torch.stack([chosen[h] for h in heads]).amax(0).to(self.latest.device)
-            if latest.shape != (kept[g],):
-                raise ValueError(
-                    f"KeptOwners: segment {index} group {g} kept {tuple(latest.shape)} tokens "
-                    f"for {kept[g]} group slots"
-                )
-            row = self.latest[g, index, : kept[g]]
-            row.copy_(torch.maximum(row, latest))
-            self.seen[index].add(g)
+        self.seen: set[int] = set()  # groups with a member head in some updated layer
 
     def update_batch(
         self, chosen: torch.Tensor, head_group: torch.Tensor, members: Sequence[Sequence[int]]
@@ -221,16 +202,14 @@ class KeptOwners:
             )
         index = head_group.long()[:, None, None].expand(heads, s, width)
         self.latest[:, :, :width].scatter_reduce_(0, index, chosen.transpose(0, 1), "amax")
-        groups = {g for g, hs in enumerate(members) if hs}
-        for seen in self.seen:
-            seen |= groups
+        self.seen |= {g for g, hs in enumerate(members) if hs}
 
     @property
     def owners(self) -> list[list[torch.Tensor | None]]:
         """Per segment and group: `[k_g]` positions, or None (no member head yet)."""
         return [
-            [self.latest[g, i, :k] if g in seen else None for g, k in enumerate(segment.kept)]
-            for i, (segment, seen) in enumerate(zip(self.segments, self.seen, strict=True))
+            [self.latest[g, i, :k] if g in self.seen else None for g, k in enumerate(segment.kept)]
+            for i, segment in enumerate(self.segments)
         ]
 
     def apply(self, allocator: TangramAllocator) -> None:
@@ -327,7 +306,10 @@ class TritonPath:
             )
         self.batch = self.graph_inputs.fill(batch, state)
 
-    def stage(self, state: ForwardState) -> None:
+    def stage(self, state: ForwardState, budgets: _SegmentBudgets | None = None) -> None:
+        """Move the forward's rows, lengths and slots to the device once for all layers;
+        an extend where some segment compresses also gets its kept tokens' scatter, laid out
+        like `budgets` (the batched selection's segments and width)."""
         device = self.pool.device
         rows = torch.tensor(state.rows, dtype=torch.int32, device=device)
         if state.mode == "decode":
@@ -347,19 +329,19 @@ class TritonPath:
             torch.cat([s.slots[g].to(device) for s in segments])
             for g in range(self.pool.num_groups)
         )
-        starts = tuple(sum(lens[:i]) for i in range(len(lens)))
         scatter = None
-        if any(s.compress for s in segments):
-            width = max(max(s.kept) for s in segments)
+        if budgets is not None:
             kept = [s.kept for s in segments]
-            scatter = self.kernels[2].SelectionScatter.build(starts, kept, slots, width, device)
+            starts = budgets.segments.starts
+            scatter = self.kernels[2].SelectionScatter.build(
+                starts, kept, slots, budgets.width, device
+            )
         self.batch = _ExtendBatch(
             rows,
             torch.tensor(lens, dtype=torch.int32, device=device),
             max(lens, default=0),
             prefix_lens,
             slots,
-            starts,
             scatter,
         )
 
@@ -454,7 +436,7 @@ class TangramAttnBackend(AttentionBackend):
         if any(s.compress for s in segments):
             self.budgets = _SegmentBudgets.build(segments, self.allocator.rule, self.pool.device)
         if self.triton is not None:
-            self.triton.stage(self.state)
+            self.triton.stage(self.state, self.budgets)
 
     def _take_state(self, expected: str, rows: tuple[int, ...]) -> ForwardState:
         """The allocation hooks' state for this forward (consumed), checked against it."""

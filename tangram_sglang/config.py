@@ -81,6 +81,10 @@ class TangramConfig:
         a slot, compressed prompt tokens only their group's ratio."""
         if self.workload is None:
             return serving_workload(max_context)
+        return self._workload()
+
+    def _workload(self) -> Workload:
+        """--tangram-workload as a `Workload`, or ConfigError naming the flag."""
         parts = str(self.workload).split(",")
         try:
             values = [int(x) for x in parts]
@@ -147,7 +151,7 @@ class TangramConfig:
                 f"--tangram-method {self.method!r} is unknown; known: {', '.join(SCORERS)}"
             )
         if self.workload is not None:
-            self.serving_workload(0)  # refuses a malformed value, naming the flag
+            self._workload()
         if self.mode == "tangram" and not self.profile:
             raise ConfigError("--kv-compression tangram needs --tangram-profile FILE")
         if self.mode == "uniform":

@@ -86,6 +86,20 @@ def random_selections(a, n: int, kept, gen):
     ]
 
 
+def record_owners(a, segment, chosen) -> KeptOwners:
+    """The backend's owner tracking over one segment's per-layer selections (`chosen`, as
+    `random_selections` gives them), each layer as the `[1, Hkv, W]` batch it updates."""
+    owners = KeptOwners([segment], a.pool.num_groups)
+    width = max(segment.kept)
+    for layer, heads in enumerate(chosen):
+        batch = torch.full((1, len(heads), width), -1, dtype=torch.int64)
+        for h, sel in enumerate(heads):
+            batch[0, h, : len(sel)] = sel
+        members = [a.pool.heads_in(g, layer) for g in range(a.pool.num_groups)]
+        owners.update_batch(batch, a.pool.head_group[layer], members)
+    return owners
+
+
 def test_every_cut_of_a_compressed_segment_owns_the_slots_of_earlier_tokens():
     seed = random.randrange(10_000)
     gen = torch.Generator().manual_seed(seed)
@@ -95,11 +109,7 @@ def test_every_cut_of_a_compressed_segment_owns_the_slots_of_earlier_tokens():
     seg = a.alloc(n)
     segment = a.begin_extend([1], [seg[:0]], [seg]).segments[0]
     chosen = random_selections(a, n, segment.kept, gen)
-    owners = KeptOwners([segment], a.pool.num_groups)
-    for layer, heads in enumerate(chosen):
-        members = [a.pool.heads_in(g, layer) for g in range(a.pool.num_groups)]
-        owners.update(0, members, heads)
-    owners.apply(a)
+    record_owners(a, segment, chosen).apply(a)
     for m in range(n + 1):
         head = a.compact(seg[:m])
         tail = a.compact(seg[m:])

@@ -15,7 +15,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from test_allocator import make_allocator, random_selections
+from test_allocator import make_allocator, random_selections, record_owners
 
 from tangram_sglang.backend import KeptOwners
 from tangram_sglang.radix import TangramRadixCache
@@ -74,9 +74,7 @@ def extend_with_owners(allocator, row, prefix, new, gen, latest=None, evict=None
     owners = KeptOwners([segment], allocator.pool.num_groups)
     if segment.compress:
         chosen = random_selections(allocator, segment.extend_len, segment.kept, gen)
-        for layer, heads in enumerate(chosen):
-            members = [allocator.pool.heads_in(g, layer) for g in range(allocator.pool.num_groups)]
-            owners.update(0, members, heads)
+        owners = record_owners(allocator, segment, chosen)
         owners.apply(allocator)
     if latest is not None:
         for g, slots in enumerate(segment.slots):
