@@ -153,6 +153,8 @@ VARIANTS = {
             _variant("fused", 64, 4, 2, 4, pdl=False, bf=False),
             _variant("fused", 64, 4, 2, 4),
             _variant("fused", 64, 4, 3, 3),
+            _variant("fused", 32, 4, 3, 4),
+            _variant("fused", 64, 4, 4, 4),
         ]
     ),
 }
@@ -426,15 +428,21 @@ class Methods:
         self.outs[name] = torch.zeros_like(self.q)
         return self.outs[name]
 
-    def ragged_aot(self):
+    def ragged_aot(self, empty: bool = False):
+        """Our step; `empty`: the same launches over zero lengths (no KV read), the step's
+        fixed cost (launches, table reads, merges of empty partials, tails)."""
         store, launch = self.store, self.variant.launch
         schedule = DecodeSchedule(self.plan, "cuda")
         ws = DecodeWorkspace(schedule, store.batch, 128, "cuda")
-        out = self._out("ragged_aot")
+        out = self._out("ragged_aot_empty" if empty else "ragged_aot")
         works = [schedule.layer(store.batch, layer) for layer in range(len(store.layers))]
+        layers = store.layers
+        if empty:
+            zeros = torch.zeros_like(store.group_lens)
+            layers = [dataclasses.replace(kv, group_lens=zeros) for kv in layers]
 
         def step() -> None:
-            for kv, work in zip(store.layers, works, strict=True):
+            for kv, work in zip(layers, works, strict=True):
                 decode_attention(
                     self.q,
                     kv,
@@ -451,6 +459,9 @@ class Methods:
             None,
             {"ctas_per_layer": round(statistics.mean(w.num_items for w in works) * store.batch, 1)},
         )
+
+    def ragged_aot_empty(self):
+        return self.ragged_aot(empty=True)
 
     def layer_copy(self):
         """Per layer, one device copy moving that layer's KV bytes (half of them read, half
@@ -721,6 +732,9 @@ def sweep_variants(
                 if first is None:
                     first = out.clone()
                 r["max_abs_diff_vs_first"] = float((out - first).abs().max())
+            fixed = run_method(m, "ragged_aot_empty", args.time_per_method_s)
+            if "ms" in fixed:
+                r["fixed_ms"] = fixed["ms"]
             result["variant_sweep"].append(r)
             print(
                 f"  sweep b{batch} {context // 1024}K {int(kept * 100)}% {name:40s} "
@@ -1164,7 +1178,8 @@ def _extra_sections(result: dict) -> list[str]:
         lines += [
             "",
             f"Launch-variant sweep of our kernel ({result.get('variant_sweep_note', '')}"
-            "), ms per step [x floor where known]:",
+            "), ms per step [x floor where known]; `fixed` = the same launches over zero "
+            "lengths (no KV read):",
             "",
             "| variant | "
             + " | ".join(f"b{b} {c // 1024}K {int(k * 100)}%" for b, c, k in points)
@@ -1182,6 +1197,8 @@ def _extra_sections(result: dict) -> list[str]:
                     cells.append(f"{r['ms']:.3f} [{r['ratio_to_floor']:.2f}]")
                 else:
                     cells.append(f"{r['ms']:.3f}")
+                if r.get("fixed_ms") is not None:
+                    cells[-1] += f", fixed {r['fixed_ms']:.3f}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     runs = result.get("runs", [])
     if runs:

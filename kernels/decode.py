@@ -15,13 +15,17 @@ A head with one split writes its final output directly. Otherwise each program w
 partial (o, lse) into a fixed buffer `[B, Hq, max_splits, D]`, and the partials are
 combined by log-sum-exp, BLOCK_S of them at a time, so any split count merges with one
 compile: by a merge kernel (`merge="kernel"`), or by the last split of the (request, kv
-head) to finish, counted by an atomic (`merge="fused"`, one launch per layer). With
-`pdl`, on Hopper and newer, each launch may start while the previous one drains
-(programmatic dependent launch): it reads the static plan tables, then waits for the
-previous grid before reading anything a previous kernel may write (q, K/V, lengths,
-partials). How to launch is a `DecodeLaunch`; the benchmark's variant sweep picks one.
-Launch shapes depend only on the bucket and the batch size, so a decode step can be
-captured in a CUDA graph per batch size.
+head) to finish, counted by an atomic (`merge="fused"`, one launch per layer); either
+merges all q heads of a kv head together. With `pdl`, on Hopper and newer, each launch may
+start while the previous one drains (programmatic dependent launch): every program lets
+the next launch start at once, reads the tables written before the step's first layer
+(plan, pool, the step's rows and lengths), and only then waits for the previous grid
+before reading what the layer's earlier kernels write (q, K/V, partials). So the next
+launch's start and table reads overlap this one's tail. The contract: those tables are
+written before the step's first layer (in serving, by the forward's set-up).
+How to launch is a `DecodeLaunch`; the benchmark's variant sweep picks one. Launch shapes
+depend only on the bucket and the batch size, so a decode step can be captured in a CUDA
+graph per batch size.
 
 A length of 0 gives a zero output row (every partial is empty, lse = -inf).
 """
@@ -177,51 +181,62 @@ class DecodeWorkspace:
 
 
 @triton.jit
-def _merge_row(
+def _merge_rows(
     OPart,
     LsePart,
+    rows_o,
+    rows_l,
+    mask_r,
     stride_ps,
     stride_ls,
     n_split,
     offs_d,
     mask_d,
+    BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LSE_BASE2: tl.constexpr,
     CACHE: tl.constexpr,
 ):
-    """Log-sum-exp merge of one row's `n_split` partials, BLOCK_S at a time (online), so
-    one compile merges any split count. Empty partials (lse = -inf) weigh 0 whatever
-    their stale o holds. Returns (merged row fp32, natural-log lse or -inf)."""
+    """Log-sum-exp merge of `n_split` partials for BLOCK_R rows at once (the q heads of
+    one kv head), BLOCK_S splits per load (online), so one compile merges any split count
+    and the rows' loads are issued together. `rows_o`/`rows_l` `[BLOCK_R]` are each row's
+    split-0 offsets into OPart/LsePart. Empty partials (lse = -inf) weigh 0 whatever their
+    stale o holds. Returns (merged rows fp32 [BLOCK_R, BLOCK_D], natural-log lse or -inf)."""
     offs_s = tl.arange(0, BLOCK_S)
-    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
-    denom = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s0 in range(0, n_split, BLOCK_S):
         split = s0 + offs_s
-        mask_s = split < n_split
+        mask_rs = mask_r[:, None] & (split < n_split)[None, :]
         lse = tl.load(
-            LsePart + split * stride_ls, mask=mask_s, other=float("-inf"), cache_modifier=CACHE
+            LsePart + rows_l[:, None] + split[None, :] * stride_ls,
+            mask=mask_rs,
+            other=float("-inf"),
+            cache_modifier=CACHE,
         )
+        o_rows = rows_o[:, None] + split[None, :] * stride_ps
         o = tl.load(
-            OPart + split[:, None] * stride_ps + offs_d[None, :],
-            mask=mask_s[:, None] & mask_d[None, :],
+            OPart + o_rows[:, :, None] + offs_d[None, None, :],
+            mask=mask_rs[:, :, None] & mask_d[None, None, :],
             other=0.0,
             cache_modifier=CACHE,
         )
         if LSE_BASE2:
-            lse = lse * 0.6931471805599453
-        m_new = tl.maximum(m, tl.max(lse, 0))
+            lse = lse * LN2
+        m_new = tl.maximum(m, tl.max(lse, 1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.exp(m - m_safe)
-        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)
-        o = tl.where(w[:, None] > 0, o, 0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        denom = denom * alpha + tl.sum(w, 0)
+        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe[:, None]), 0.0)
+        o = tl.where(w[:, :, None] > 0, o, 0.0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        denom = denom * alpha + tl.sum(w, 1)
         m = m_new
     m_safe = tl.where(m > float("-inf"), m, 0.0)
-    out = acc / tl.where(denom > 0, denom, 1.0)
-    total = tl.where(denom > 0, m_safe + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
+    nonempty = denom > 0
+    out = acc / tl.where(nonempty, denom, 1.0)[:, None]
+    total = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
     return out, total
 
 
@@ -262,6 +277,7 @@ def _split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
     DOT_F32: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
@@ -275,23 +291,24 @@ def _split_kernel(
     else:
         item = tl.program_id(0)
         b = tl.program_id(1)
-    # Static tables (the plan's and the pool's, written once at start-up) ...
+    if USE_PDL:  # the next launch may start now: it reads nothing of ours before its wait
+        gdc_launch_dependents()
+    # Tables written before the step's first layer (the plan's, the pool's, the step's rows
+    # and lengths) ...
     h = tl.load(Items + item * 2)
     s = tl.load(Items + item * 2 + 1)
     n_split = tl.load(HeadSplits + h)
     g = tl.load(HeadGroup + h).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
-    if USE_PDL:  # ... then what earlier kernels of the step write: q, K/V, lengths.
-        gdc_wait()
-        gdc_launch_dependents()
     r = tl.load(ReqRows + b).to(tl.int64)
     length = tl.load(GroupLens + g * stride_gl_g + r)
-
     chunk = tl.maximum(tl.cdiv(length, n_split), min_chunk)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
     start = s * chunk
     end = tl.minimum(start + chunk, length)
+    if USE_PDL:  # ... then what the layer's earlier kernels write: q, K/V, partials.
+        gdc_wait()
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -342,33 +359,38 @@ def _split_kernel(
         tl.store(LsePart + out_row, lse, mask=mask_h)
         if FUSED_MERGE:
             # The last of the head's splits to arrive merges all of them (no second launch),
-            # one q head at a time, BLOCK_S partials per load.
+            # all q heads of the kv head together, BLOCK_S partials per load.
             tl.debug_barrier()
             arrived = tl.atomic_add(Arrivals + b * num_kv_heads + h, 1, sem="acq_rel")
             if arrived == n_split - 1:
-                for i in tl.static_range(GQA):
-                    hq = h * GQA + i
-                    row0 = (b * num_q_heads + hq) * max_splits
-                    merged, total = _merge_row(
-                        OPart + row0 * HEAD_DIM,
-                        LsePart + row0,
-                        HEAD_DIM,
-                        1,
-                        n_split,
-                        offs_d,
-                        mask_d,
-                        BLOCK_S,
-                        BLOCK_D,
-                        False,
-                        ".cg",
-                    )
-                    tl.store(
-                        Out + b * stride_ob + hq * stride_oh + offs_d,
-                        merged.to(Out.dtype.element_ty),
-                        mask=mask_d,
-                    )
-                    if WRITE_LSE:
-                        tl.store(LseOut + b * num_q_heads + hq, total)
+                offs_r = tl.arange(0, BLOCK_R)
+                mask_r = offs_r < GQA
+                heads = h * GQA + offs_r
+                rows = (b * num_q_heads + heads) * max_splits
+                merged, total = _merge_rows(
+                    OPart,
+                    LsePart,
+                    rows * HEAD_DIM,
+                    rows,
+                    mask_r,
+                    HEAD_DIM,
+                    1,
+                    n_split,
+                    offs_d,
+                    mask_d,
+                    BLOCK_R,
+                    BLOCK_S,
+                    BLOCK_D,
+                    False,
+                    ".cg",
+                )
+                tl.store(
+                    Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                    merged.to(Out.dtype.element_ty),
+                    mask=mask_r[:, None] & mask_d[None, :],
+                )
+                if WRITE_LSE:
+                    tl.store(LseOut + b * num_q_heads + heads, total, mask=mask_r)
                 tl.atomic_xchg(Arrivals + b * num_kv_heads + h, 0)
 
 
@@ -387,8 +409,10 @@ def _merge_kernel(
     stride_ls,
     stride_ob,
     stride_oh,
+    num_q_heads,
     GQA: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     UNIFORM_SPLITS: tl.constexpr,
@@ -397,42 +421,60 @@ def _merge_kernel(
     SKIP_SINGLE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """One program per (request, kv head): merges the kv head's GQA q-head rows."""
     b = tl.program_id(0)
-    hq = tl.program_id(1)
+    h = tl.program_id(1)
+    if USE_PDL:
+        gdc_launch_dependents()
     if UNIFORM_SPLITS > 0:  # noqa: SIM108  (a constexpr branch, as Triton prefers)
         n_split = UNIFORM_SPLITS
     else:
-        n_split = tl.load(HeadSplits + hq // GQA)
+        n_split = tl.load(HeadSplits + h)
     if SKIP_SINGLE:  # noqa: SIM108
         fewest = 2  # one split wrote the final output itself
     else:
         fewest = 1
     if USE_PDL:
         gdc_wait()
-        gdc_launch_dependents()
     if n_split >= fewest:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < GQA
+        hq = h * GQA + offs_r
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
-        out, total = _merge_row(
-            OPart + b * stride_pb + hq * stride_ph,
-            LsePart + b * stride_lb + hq * stride_lh,
+        out, total = _merge_rows(
+            OPart,
+            LsePart,
+            b * stride_pb + hq * stride_ph,
+            b * stride_lb + hq * stride_lh,
+            mask_r,
             stride_ps,
             stride_ls,
             n_split,
             offs_d,
             mask_d,
+            BLOCK_R,
             BLOCK_S,
             BLOCK_D,
             LSE_BASE2,
             "",
         )
         tl.store(
-            Out + b * stride_ob + hq * stride_oh + offs_d,
+            Out + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :],
             out.to(Out.dtype.element_ty),
-            mask=mask_d,
+            mask=mask_r[:, None] & mask_d[None, :],
         )
         if WRITE_LSE:
-            tl.store(LseOut + b * tl.num_programs(1) + hq, total)
+            tl.store(LseOut + b * num_q_heads + hq, total, mask=mask_r)
+
+
+MERGE_TILE_ROWS = 64  # (q head, split) partial rows one merge load holds: 32 KB of fp32
+
+
+def merge_width(block_s: int, merge_block: int, block_r: int) -> int:
+    """Splits per merge load: the plan's bound and the launch's cap, at most
+    MERGE_TILE_ROWS partial rows over the kv head's `block_r` q heads, at least 2."""
+    return max(2, min(block_s, merge_block, MERGE_TILE_ROWS // block_r))
 
 
 def _check_decode_args(
@@ -497,7 +539,8 @@ def decode_attention(
     pdl = launch.pdl and _pdl_supported(q.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
     block_d = triton.next_power_of_2(dim)
-    block_s = min(work.block_s, launch.merge_block)
+    block_r = triton.next_power_of_2(gqa)
+    block_s = merge_width(work.block_s, launch.merge_block, block_r)
     ms = work.max_splits
     grid = (batch, work.num_items) if launch.batch_fastest else (work.num_items, batch)
     _split_kernel[grid](
@@ -536,6 +579,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(gqa)),
         BLOCK_N=launch.block_n,
+        BLOCK_R=block_r,
         BLOCK_S=block_s,
         DOT_F32=interpreting(),
         FUSED_MERGE=fused,
@@ -547,7 +591,7 @@ def decode_attention(
         **pdl_kw,
     )
     if not fused:
-        _merge_kernel[(batch, hq)](
+        _merge_kernel[(batch, hkv)](
             workspace.o_part,
             workspace.lse_part,
             work.head_splits,
@@ -561,8 +605,10 @@ def decode_attention(
             1,
             out.stride(0),
             out.stride(1),
+            hq,
             GQA=gqa,
             HEAD_DIM=dim,
+            BLOCK_R=block_r,
             BLOCK_D=block_d,
             BLOCK_S=block_s,
             UNIFORM_SPLITS=0,
@@ -604,8 +650,11 @@ def merge_partials(
         raise ValueError("out needs a contiguous last dimension")
     if lse is not None and (lse.shape != (batch, hq) or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous [{batch}, {hq}] tensor")
+    if hq % gqa:
+        raise ValueError(f"{hq} q heads are not a multiple of gqa {gqa}")
     block_d = triton.next_power_of_2(dim)
-    _merge_kernel[(batch, hq)](
+    block_r = triton.next_power_of_2(gqa)
+    _merge_kernel[(batch, hq // gqa)](
         o_part,
         lse_part,
         head_splits if head_splits is not None else lse_part,
@@ -615,10 +664,12 @@ def merge_partials(
         *lse_strides,
         out.stride(0),
         out.stride(1),
+        hq,
         GQA=gqa,
         HEAD_DIM=dim,
+        BLOCK_R=block_r,
         BLOCK_D=block_d,
-        BLOCK_S=min(triton.next_power_of_2(max(max_splits, 2)), merge_block),
+        BLOCK_S=merge_width(triton.next_power_of_2(max(max_splits, 2)), merge_block, block_r),
         UNIFORM_SPLITS=uniform_splits,
         WRITE_LSE=lse is not None,
         LSE_BASE2=lse_base2,

@@ -8,7 +8,8 @@
 # variant; 'sweep' times them all on a few points first and runs each batch size with its
 # fastest; 'sweep:A,B' only those), SWEEP_BUDGET_S (200: start no sweep point after this
 # many seconds of the benchmark), BENCH_ARGS (extra bench/kernels.py
-# arguments), FI_TEST_TIMEOUT_S (90), SKIP_TESTS=1, SKIP_MAIN_TESTS=1 (only the FlashInfer
+# arguments), TEST_K (pytest -k of the main tests: "not flashinfer"), FI_TEST_TIMEOUT_S
+# (90), SKIP_TESTS=1, SKIP_MAIN_TESTS=1 (only the FlashInfer
 # path's tests), SKIP_INSTALL=1 (use the current PYTHONPATH), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -54,7 +55,7 @@ tests() {  # tests LABEL TIMEOUT PYTEST-ARGS...
 }
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${SKIP_MAIN_TESTS:-0}" != 1 ]; then
   tests main "${TEST_TIMEOUT_S:-200}" "$REPO/tests/test_kernels.py" "$REPO/tests/test_plan.py" \
-    -k "not flashinfer"
+    -k "${TEST_K:-not flashinfer}"
 fi
 
 say "== benchmark (all points; ours, replan, full-KV baselines)"
