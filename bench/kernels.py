@@ -115,14 +115,28 @@ def _variant(
     bf: bool = True,
     min_chunk: int = 128,
     cap: int = DEFAULT_MAX_SPLITS,
+    early: bool = False,
+    kvh: bool = False,
+    mb: int = 64,
 ) -> tuple[str, Variant]:
     name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
     name += f"-mc{min_chunk}" if min_chunk != 128 else ""
     name += f"-cap{cap}" if cap != DEFAULT_MAX_SPLITS else ""
+    name += f"-mb{mb}" if mb != 64 else ""
+    name += "-kvh" if kvh else ""
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
+    name += "-early" if early else ""
     launch = DecodeLaunch(
-        block_n=n, num_warps=w, num_stages=s, merge=merge, pdl=pdl, batch_fastest=bf
+        block_n=n,
+        num_warps=w,
+        num_stages=s,
+        merge=merge,
+        merge_block=mb,
+        merge_per_kv_head=kvh,
+        pdl=pdl,
+        early_trigger=early,
+        batch_fastest=bf,
     )
     return name, Variant(launch, waves, cap, min_chunk)
 
@@ -155,6 +169,13 @@ VARIANTS = {
             _variant("fused", 64, 4, 3, 3),
             _variant("fused", 32, 4, 3, 4),
             _variant("fused", 64, 4, 4, 4),
+            _variant("kernel", 32, 4, 3, 4, early=True),
+            _variant("kernel", 32, 4, 3, 4, early=True, kvh=True),
+            _variant("kernel", 32, 4, 3, 2, early=True),
+            _variant("kernel", 64, 4, 4, 4, early=True),
+            _variant("fused", 32, 4, 3, 4, early=True),
+            _variant("fused", 32, 4, 3, 4, early=True, mb=256),
+            _variant("fused", 64, 4, 3, 2, early=True),
         ]
     ),
 }

@@ -61,7 +61,7 @@ except ImportError:  # a Triton without programmatic dependent launch: pdl is ig
 
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # jit functions read only constexpr globals
 MERGES = ("kernel", "fused")
 
 
@@ -75,10 +75,13 @@ def interpreting() -> bool:
 class DecodeLaunch:
     """How to launch decode: tile width, warps and pipeline stages of the split kernel;
     who merges the splits (`kernel`: a second launch; `fused`: the last split to finish);
-    the merge's chunk width; programmatic dependent launch (`pdl`, ignored where the GPU
-    or the interpreter cannot do it); grid order (`batch_fastest`: the grid is (batch,
-    work items), so CTAs start item by item across all requests and the table's heaviest
-    splits start first for every request, not only for the first ones). The field
+    (q head, split) partial rows per merge load (`merge_block`); whether a merge-kernel
+    program takes all q heads of a kv head (`merge_per_kv_head`) or one; programmatic
+    dependent launch (`pdl`, ignored where the GPU or the interpreter cannot do it) and
+    whether the next launch may start at once, reading the step's tables before the wait
+    (`early_trigger`), or after this one's wait; grid order (`batch_fastest`: the grid is
+    (batch, work items), so CTAs start item by item across all requests and the table's
+    heaviest splits start first for every request, not only for the first ones). The field
     defaults are the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is
     the overall fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
@@ -87,7 +90,9 @@ class DecodeLaunch:
     num_stages: int = 2
     merge: str = "kernel"
     merge_block: int = 64
+    merge_per_kv_head: bool = False
     pdl: bool = False
+    early_trigger: bool = False
     batch_fastest: bool = False
 
     def __post_init__(self) -> None:
@@ -283,6 +288,7 @@ def _split_kernel(
     FUSED_MERGE: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
 ):
     if BATCH_FASTEST:
@@ -291,23 +297,26 @@ def _split_kernel(
     else:
         item = tl.program_id(0)
         b = tl.program_id(1)
-    if USE_PDL:  # the next launch may start now: it reads nothing of ours before its wait
+    if USE_PDL and EARLY_TRIGGER:  # the next launch reads nothing of ours before its wait
         gdc_launch_dependents()
-    # Tables written before the step's first layer (the plan's, the pool's, the step's rows
-    # and lengths) ...
+    # The plan's and the pool's tables (written once at start-up) ...
     h = tl.load(Items + item * 2)
     s = tl.load(Items + item * 2 + 1)
     n_split = tl.load(HeadSplits + h)
     g = tl.load(HeadGroup + h).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
+    if USE_PDL and not EARLY_TRIGGER:
+        gdc_wait()
+        gdc_launch_dependents()
+    # ... the step's rows and lengths (written before its first layer) ...
     r = tl.load(ReqRows + b).to(tl.int64)
     length = tl.load(GroupLens + g * stride_gl_g + r)
     chunk = tl.maximum(tl.cdiv(length, n_split), min_chunk)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
     start = s * chunk
     end = tl.minimum(start + chunk, length)
-    if USE_PDL:  # ... then what the layer's earlier kernels write: q, K/V, partials.
+    if USE_PDL and EARLY_TRIGGER:  # ... then what the layer's earlier kernels write
         gdc_wait()
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -341,9 +350,7 @@ def _split_kernel(
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(
-        nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf")
-    )
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
     if n_split == 1:  # the head's only split: its result is final, nothing to merge
         tl.store(
             Out + b * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :],
@@ -411,6 +418,7 @@ def _merge_kernel(
     stride_oh,
     num_q_heads,
     GQA: tl.constexpr,
+    ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -420,26 +428,29 @@ def _merge_kernel(
     LSE_BASE2: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
-    """One program per (request, kv head): merges the kv head's GQA q-head rows."""
+    """One program per (request, ROWS q heads of one kv head): ROWS is GQA (all the kv
+    head's q heads) or 1."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    if USE_PDL:
+    if USE_PDL and EARLY_TRIGGER:
         gdc_launch_dependents()
+    offs_r = tl.arange(0, BLOCK_R)
+    hq = tl.program_id(1) * ROWS + offs_r
+    mask_r = offs_r < ROWS
     if UNIFORM_SPLITS > 0:  # noqa: SIM108  (a constexpr branch, as Triton prefers)
         n_split = UNIFORM_SPLITS
     else:
-        n_split = tl.load(HeadSplits + h)
+        n_split = tl.load(HeadSplits + tl.program_id(1) * ROWS // GQA)
     if SKIP_SINGLE:  # noqa: SIM108
         fewest = 2  # one split wrote the final output itself
     else:
         fewest = 1
     if USE_PDL:
         gdc_wait()
+        if not EARLY_TRIGGER:
+            gdc_launch_dependents()
     if n_split >= fewest:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < GQA
-        hq = h * GQA + offs_r
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         out, total = _merge_rows(
@@ -468,13 +479,10 @@ def _merge_kernel(
             tl.store(LseOut + b * num_q_heads + hq, total, mask=mask_r)
 
 
-MERGE_TILE_ROWS = 64  # (q head, split) partial rows one merge load holds: 32 KB of fp32
-
-
 def merge_width(block_s: int, merge_block: int, block_r: int) -> int:
-    """Splits per merge load: the plan's bound and the launch's cap, at most
-    MERGE_TILE_ROWS partial rows over the kv head's `block_r` q heads, at least 2."""
-    return max(2, min(block_s, merge_block, MERGE_TILE_ROWS // block_r))
+    """Splits per merge load: the plan's bound, and `merge_block` (q head, split) partial
+    rows over the program's `block_r` q heads; at least 2."""
+    return max(2, min(block_s, merge_block // block_r))
 
 
 def _check_decode_args(
@@ -585,13 +593,16 @@ def decode_attention(
         FUSED_MERGE=fused,
         WRITE_LSE=lse is not None,
         USE_PDL=pdl,
+        EARLY_TRIGGER=launch.early_trigger,
         BATCH_FASTEST=launch.batch_fastest,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **pdl_kw,
     )
     if not fused:
-        _merge_kernel[(batch, hkv)](
+        rows = gqa if launch.merge_per_kv_head else 1
+        merge_r = triton.next_power_of_2(rows)
+        _merge_kernel[(batch, hq // rows)](
             workspace.o_part,
             workspace.lse_part,
             work.head_splits,
@@ -607,15 +618,17 @@ def decode_attention(
             out.stride(1),
             hq,
             GQA=gqa,
+            ROWS=rows,
             HEAD_DIM=dim,
-            BLOCK_R=block_r,
+            BLOCK_R=merge_r,
             BLOCK_D=block_d,
-            BLOCK_S=block_s,
+            BLOCK_S=merge_width(work.block_s, launch.merge_block, merge_r),
             UNIFORM_SPLITS=0,
             WRITE_LSE=lse is not None,
             LSE_BASE2=False,
             SKIP_SINGLE=True,
             USE_PDL=pdl,
+            EARLY_TRIGGER=launch.early_trigger,
             num_warps=4,
             **pdl_kw,
         )
@@ -666,6 +679,7 @@ def merge_partials(
         out.stride(1),
         hq,
         GQA=gqa,
+        ROWS=gqa,
         HEAD_DIM=dim,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
@@ -675,6 +689,7 @@ def merge_partials(
         LSE_BASE2=lse_base2,
         SKIP_SINGLE=False,
         USE_PDL=False,
+        EARLY_TRIGGER=False,
         num_warps=4,
     )
     return out

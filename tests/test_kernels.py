@@ -26,6 +26,7 @@ from tangram_sglang.kernels.decode import (  # noqa: E402
     DecodeSchedule,
     DecodeWorkspace,
     decode_attention,
+    merge_partials,
 )
 from tangram_sglang.kernels.extend import extend_attention  # noqa: E402
 from tangram_sglang.kernels.scatter import pack_selection, scatter_selected  # noqa: E402
@@ -50,12 +51,19 @@ TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # benchmark's sweep checks every other variant's output against the first's.
 LAUNCHES = {
     "merge-kernel": DecodeLaunch(block_n=BLOCK),
+    "merge-kernel-per-kv-head": DecodeLaunch(block_n=BLOCK, merge_per_kv_head=True),
     "fused-merge": DecodeLaunch(block_n=BLOCK, merge="fused", batch_fastest=True),
 }
 if CUDA:
     LAUNCHES |= {
         "merge-kernel-pdl": DecodeLaunch(block_n=BLOCK, pdl=True, batch_fastest=True),
+        "merge-kernel-pdl-early": DecodeLaunch(
+            block_n=BLOCK, pdl=True, early_trigger=True, merge_per_kv_head=True
+        ),
         "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
+        "fused-merge-pdl-early": DecodeLaunch(
+            block_n=BLOCK, merge="fused", pdl=True, early_trigger=True
+        ),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
     }
 
@@ -159,7 +167,7 @@ def assert_rows_close(
 
 
 @pytest.mark.parametrize("variant", LAUNCHES)
-@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("gqa", [1, 4, 7, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("page", PAGE_SIZES)
 def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, variant: str) -> None:
@@ -268,7 +276,12 @@ def test_decode_merges_hundreds_of_splits(merge: str) -> None:
     schedule = DecodeSchedule(plan, DEVICE)
     workspace = DecodeWorkspace(schedule, 2, DIM, DEVICE)
     workspace.o_part.fill_(float("nan"))
-    launch = DecodeLaunch(block_n=BLOCK, merge=merge, merge_block=random.choice([4, 16]))
+    launch = DecodeLaunch(
+        block_n=BLOCK,
+        merge=merge,
+        merge_block=random.choice([4, 16, 64]),
+        merge_per_kv_head=random.random() < 0.5,
+    )
     q = torch.randn(2, 8, DIM, device=DEVICE).half()
     req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     kv = pool.layer_view(0)
@@ -283,6 +296,44 @@ def test_decode_merges_hundreds_of_splits(merge: str) -> None:
     finite = ~torch.isinf(want)
     assert torch.allclose(got[finite], want[finite], atol=2e-2), f"{what}: lse, seed {seed}"
     assert not workspace.arrivals.any(), "arrival counters were not reset"
+
+
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_merge_partials_of_flashinfer_layout(gqa: int) -> None:
+    """FlashInfer's layout (virtual request (b, s) at row b * S + s, log2 lse, some splits
+    empty): the merge equals the float64 softmax-weighted sum, lse in natural log."""
+    seed = fresh_seed()
+    batch, hq, splits = random.randint(1, 3), 4 * gqa, random.randint(1, 9)
+    o = torch.randn(batch * splits, hq, DIM, device=DEVICE)
+    lse2 = torch.randn(batch * splits, hq, device=DEVICE) * 4
+    lse2[torch.rand_like(lse2) < 0.3] = float("-inf")
+    lse2[0] = float("-inf")  # request 0's first split is empty for every head
+    out = torch.full((batch, hq, DIM), float("nan"), device=DEVICE)
+    lse = torch.full((batch, hq), float("nan"), device=DEVICE)
+    merge_partials(
+        o,
+        lse2,
+        None,
+        out,
+        lse,
+        partial_strides=(splits * hq * DIM, DIM, hq * DIM),
+        lse_strides=(splits * hq, 1, hq),
+        gqa=gqa,
+        max_splits=splits,
+        uniform_splits=splits,
+        lse_base2=True,
+        merge_block=random.choice([2, 4, 64]),
+    )
+    ln = lse2.double().view(batch, splits, hq) * math.log(2)
+    w = torch.softmax(ln, dim=1).nan_to_num(0.0)  # all-empty rows: weight 0
+    want = (w[..., None] * o.double().view(batch, splits, hq, DIM)).sum(1)
+    want_lse = torch.logsumexp(ln, dim=1)
+    what = f"gqa {gqa}, {splits} splits"
+    assert_rows_close(out.cpu(), want.cpu(), 1e-5, what, seed)
+    got = lse.cpu().double()
+    assert torch.equal(torch.isinf(got), torch.isinf(want_lse.cpu())), f"{what}: -inf, {seed}"
+    finite = ~torch.isinf(got)
+    assert torch.allclose(got[finite], want_lse.cpu()[finite], atol=1e-5), f"{what}: lse, {seed}"
 
 
 @pytest.mark.parametrize("variant", LAUNCHES)
