@@ -116,26 +116,29 @@ def _variant(
     min_chunk: int = 128,
     cap: int = DEFAULT_MAX_SPLITS,
     early: bool = False,
-    kvh: bool = False,
     mb: int = 64,
+    md: int = 128,
+    pf: bool = False,
 ) -> tuple[str, Variant]:
     name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
     name += f"-mc{min_chunk}" if min_chunk != 128 else ""
     name += f"-cap{cap}" if cap != DEFAULT_MAX_SPLITS else ""
     name += f"-mb{mb}" if mb != 64 else ""
-    name += "-kvh" if kvh else ""
+    name += f"-md{md}" if md != 128 else ""
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
     name += "-early" if early else ""
+    name += "-pf" if pf else ""
     launch = DecodeLaunch(
         block_n=n,
         num_warps=w,
         num_stages=s,
         merge=merge,
         merge_block=mb,
-        merge_per_kv_head=kvh,
+        merge_d=md,
         pdl=pdl,
         early_trigger=early,
+        prefetch=pf,
         batch_fastest=bf,
     )
     return name, Variant(launch, waves, cap, min_chunk)
@@ -170,7 +173,12 @@ VARIANTS = {
             _variant("fused", 32, 4, 3, 4),
             _variant("fused", 64, 4, 4, 4),
             _variant("kernel", 32, 4, 3, 4, early=True),
-            _variant("kernel", 32, 4, 3, 4, early=True, kvh=True),
+            _variant("kernel", 32, 4, 3, 4, early=True, mb=256, md=32),
+            _variant("kernel", 32, 4, 3, 4, early=True, mb=128, md=64),
+            _variant("kernel", 64, 4, 4, 4, early=True, mb=256, md=32),
+            _variant("kernel", 32, 4, 3, 4, early=True, mb=256, md=32, pf=True),
+            _variant("kernel", 64, 4, 4, 4, early=True, mb=256, md=32, pf=True),
+            _variant("fused", 32, 4, 3, 4, early=True, pf=True),
             _variant("kernel", 32, 4, 3, 2, early=True),
             _variant("kernel", 64, 4, 4, 4, early=True),
             _variant("fused", 32, 4, 3, 4, early=True),

@@ -75,24 +75,27 @@ def interpreting() -> bool:
 class DecodeLaunch:
     """How to launch decode: tile width, warps and pipeline stages of the split kernel;
     who merges the splits (`kernel`: a second launch; `fused`: the last split to finish);
-    (q head, split) partial rows per merge load (`merge_block`); whether a merge-kernel
-    program takes all q heads of a kv head (`merge_per_kv_head`) or one; programmatic
-    dependent launch (`pdl`, ignored where the GPU or the interpreter cannot do it) and
-    whether the next launch may start at once, reading the step's tables before the wait
-    (`early_trigger`), or after this one's wait; grid order (`batch_fastest`: the grid is
-    (batch, work items), so CTAs start item by item across all requests and the table's
-    heaviest splits start first for every request, not only for the first ones). The field
-    defaults are the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is
-    the overall fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
+    (q head, split) partial rows per merge load (`merge_block`) and the merge kernel's
+    head-dim slice per program (`merge_d`: narrower slices, more programs, wider loads in
+    the same registers); programmatic dependent launch (`pdl`, ignored where the GPU or
+    the interpreter cannot do it); whether the next launch may start at once, this one
+    reading the step's tables before its wait (`early_trigger`), or only after the wait;
+    whether a program reads its first tile's history (all but the step's new token) before
+    the wait (`prefetch`); grid order (`batch_fastest`: the grid is (batch, work items), so
+    CTAs start item by item across all requests and the table's heaviest splits start
+    first for every request, not only for the first ones). The field defaults are the
+    2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall fastest
+    of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     merge: str = "kernel"
     merge_block: int = 64
-    merge_per_kv_head: bool = False
+    merge_d: int = 128
     pdl: bool = False
     early_trigger: bool = False
+    prefetch: bool = False
     batch_fastest: bool = False
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class DecodeLaunch:
             raise ValueError(f"block_n {self.block_n} must be a power of 2 >= 16")
         if self.merge_block < 2 or self.merge_block & (self.merge_block - 1):
             raise ValueError(f"merge_block {self.merge_block} must be a power of 2 >= 2")
+        if self.merge_d < 16 or self.merge_d & (self.merge_d - 1):
+            raise ValueError(f"merge_d {self.merge_d} must be a power of 2 >= 16")
         if self.merge not in MERGES:
             raise ValueError(f"merge {self.merge!r} is not one of {MERGES}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
@@ -120,7 +125,7 @@ def _pdl_supported(device: torch.device) -> bool:
 class LayerWork:
     """One layer's AOT table on the device, for one bucket."""
 
-    items: torch.Tensor  # [>= num_items, 2] int32: (kv_head, split)
+    items: torch.Tensor  # [>= num_items, 4] int32: (kv_head, split, head's splits, group)
     num_items: int
     head_splits: torch.Tensor  # [Hkv] int32
     max_splits: int  # partial-buffer stride (the bucket's largest split count)
@@ -138,10 +143,13 @@ class DecodeSchedule:
         for b in range(len(plan.buckets)):
             tables = [plan.table(b, layer) for layer in range(plan.num_layers)]
             width = max(t.num_items for t in tables)
-            items = torch.zeros((plan.num_layers, width, 2), dtype=torch.int32)
+            # Each item carries its head's split count and group, so a program's first
+            # load round gives all it needs to find its token range.
+            items = torch.zeros((plan.num_layers, width, 4), dtype=torch.int32)
             splits = torch.zeros((plan.num_layers, plan.num_kv_heads), dtype=torch.int32)
             for layer, t in enumerate(tables):
-                items[layer, : t.num_items] = torch.tensor(t.items, dtype=torch.int32)
+                rows = [(h, s, t.head_splits[h], plan.group_of[layer][h]) for h, s in t.items]
+                items[layer, : t.num_items] = torch.tensor(rows, dtype=torch.int32)
                 splits[layer] = torch.tensor(t.head_splits, dtype=torch.int32)
             items, splits = items.to(device), splits.to(device)
             self._layers.append(
@@ -250,14 +258,12 @@ def _split_kernel(
     Q,
     K,
     V,
-    HeadGroup,
     HeadBase,
     HeadStride,
     ReqToSlot,
     GroupLens,
     ReqRows,
     Items,
-    HeadSplits,
     OPart,
     LsePart,
     Arrivals,
@@ -289,6 +295,7 @@ def _split_kernel(
     WRITE_LSE: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
 ):
     if BATCH_FASTEST:
@@ -300,10 +307,10 @@ def _split_kernel(
     if USE_PDL and EARLY_TRIGGER:  # the next launch reads nothing of ours before its wait
         gdc_launch_dependents()
     # The plan's and the pool's tables (written once at start-up) ...
-    h = tl.load(Items + item * 2)
-    s = tl.load(Items + item * 2 + 1)
-    n_split = tl.load(HeadSplits + h)
-    g = tl.load(HeadGroup + h).to(tl.int64)
+    h = tl.load(Items + item * 4)
+    s = tl.load(Items + item * 4 + 1)
+    n_split = tl.load(Items + item * 4 + 2)
+    g = tl.load(Items + item * 4 + 3).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
     if USE_PDL and not EARLY_TRIGGER:
@@ -316,9 +323,6 @@ def _split_kernel(
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
     start = s * chunk
     end = tl.minimum(start + chunk, length)
-    if USE_PDL and EARLY_TRIGGER:  # ... then what the layer's earlier kernels write
-        gdc_wait()
-
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < GQA
@@ -327,6 +331,28 @@ def _split_kernel(
     else:
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
+    slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
+    if PREFETCH:
+        # The first tile's history is static during the step: read it before the wait. The
+        # step's new token (position length - 1, written by the layer's KV store) is not.
+        offs_0 = start + tl.arange(0, BLOCK_N)
+        mask_0 = offs_0 < end
+        k0, v0 = load_ragged_kv(
+            K,
+            V,
+            slot_ptr,
+            base,
+            stride,
+            stride_kr,
+            stride_vr,
+            offs_0,
+            mask_0 & (offs_0 < length - 1),
+            offs_d,
+            mask_d,
+        )
+    if USE_PDL and EARLY_TRIGGER:  # ... then what the layer's earlier kernels write
+        gdc_wait()
+
     q_heads = h * GQA + offs_h
     q = tl.load(
         Q + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
@@ -335,12 +361,24 @@ def _split_kernel(
     )
     if DOT_F32:
         q = q.to(tl.float32)
-    slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    first = start
+    if PREFETCH:
+        if end > start:
+            new = mask_0 & (offs_0 == length - 1)
+            k_new, v_new = load_ragged_kv(
+                K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_0, new, offs_d, mask_d
+            )
+            k0 = tl.where(new[:, None], k_new, k0)
+            v0 = tl.where(new[:, None], v_new, v0)
+            m_i, l_i, acc = online_update(
+                q, k0, v0, mask_0[None, :], m_i, l_i, acc, qk_scale, DOT_F32
+            )
+        first = start + BLOCK_N
+    for n0 in range(first, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         k, v = load_ragged_kv(
@@ -418,9 +456,7 @@ def _merge_kernel(
     stride_oh,
     num_q_heads,
     GQA: tl.constexpr,
-    ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     UNIFORM_SPLITS: tl.constexpr,
@@ -430,18 +466,16 @@ def _merge_kernel(
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
 ):
-    """One program per (request, ROWS q heads of one kv head): ROWS is GQA (all the kv
-    head's q heads) or 1."""
+    """One program per (request, q head, BLOCK_D slice of the head dim): slices spread a
+    row's partial loads over programs, so a wide BLOCK_S loads all splits at once."""
     b = tl.program_id(0)
+    hq = tl.program_id(1)
     if USE_PDL and EARLY_TRIGGER:
         gdc_launch_dependents()
-    offs_r = tl.arange(0, BLOCK_R)
-    hq = tl.program_id(1) * ROWS + offs_r
-    mask_r = offs_r < ROWS
     if UNIFORM_SPLITS > 0:  # noqa: SIM108  (a constexpr branch, as Triton prefers)
         n_split = UNIFORM_SPLITS
     else:
-        n_split = tl.load(HeadSplits + tl.program_id(1) * ROWS // GQA)
+        n_split = tl.load(HeadSplits + hq // GQA)
     if SKIP_SINGLE:  # noqa: SIM108
         fewest = 2  # one split wrote the final output itself
     else:
@@ -451,32 +485,33 @@ def _merge_kernel(
         if not EARLY_TRIGGER:
             gdc_launch_dependents()
     if n_split >= fewest:
-        offs_d = tl.arange(0, BLOCK_D)
+        row = tl.zeros([1], tl.int64) + hq
+        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         out, total = _merge_rows(
             OPart,
             LsePart,
-            b * stride_pb + hq * stride_ph,
-            b * stride_lb + hq * stride_lh,
-            mask_r,
+            b * stride_pb + row * stride_ph,
+            b * stride_lb + row * stride_lh,
+            row >= 0,
             stride_ps,
             stride_ls,
             n_split,
             offs_d,
             mask_d,
-            BLOCK_R,
+            1,
             BLOCK_S,
             BLOCK_D,
             LSE_BASE2,
             "",
         )
         tl.store(
-            Out + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :],
+            Out + b * stride_ob + row[:, None] * stride_oh + offs_d[None, :],
             out.to(Out.dtype.element_ty),
-            mask=mask_r[:, None] & mask_d[None, :],
+            mask=mask_d[None, :],
         )
-        if WRITE_LSE:
-            tl.store(LseOut + b * num_q_heads + hq, total, mask=mask_r)
+        if WRITE_LSE and tl.program_id(2) == 0:
+            tl.store(LseOut + b * num_q_heads + row, total)
 
 
 def merge_width(block_s: int, merge_block: int, block_r: int) -> int:
@@ -555,14 +590,12 @@ def decode_attention(
         q,
         kv.k,
         kv.v,
-        kv.head_group,
         kv.head_base,
         kv.head_stride,
         kv.req_to_slot,
         kv.group_lens,
         req_rows,
         work.items,
-        work.head_splits,
         workspace.o_part,
         workspace.lse_part,
         workspace.arrivals,
@@ -594,15 +627,15 @@ def decode_attention(
         WRITE_LSE=lse is not None,
         USE_PDL=pdl,
         EARLY_TRIGGER=launch.early_trigger,
+        PREFETCH=launch.prefetch,
         BATCH_FASTEST=launch.batch_fastest,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **pdl_kw,
     )
     if not fused:
-        rows = gqa if launch.merge_per_kv_head else 1
-        merge_r = triton.next_power_of_2(rows)
-        _merge_kernel[(batch, hq // rows)](
+        merge_d = min(launch.merge_d, block_d)
+        _merge_kernel[(batch, hq, block_d // merge_d)](
             workspace.o_part,
             workspace.lse_part,
             work.head_splits,
@@ -618,11 +651,9 @@ def decode_attention(
             out.stride(1),
             hq,
             GQA=gqa,
-            ROWS=rows,
             HEAD_DIM=dim,
-            BLOCK_R=merge_r,
-            BLOCK_D=block_d,
-            BLOCK_S=merge_width(work.block_s, launch.merge_block, merge_r),
+            BLOCK_D=merge_d,
+            BLOCK_S=merge_width(work.block_s, launch.merge_block, 1),
             UNIFORM_SPLITS=0,
             WRITE_LSE=lse is not None,
             LSE_BASE2=False,
@@ -663,11 +694,8 @@ def merge_partials(
         raise ValueError("out needs a contiguous last dimension")
     if lse is not None and (lse.shape != (batch, hq) or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous [{batch}, {hq}] tensor")
-    if hq % gqa:
-        raise ValueError(f"{hq} q heads are not a multiple of gqa {gqa}")
     block_d = triton.next_power_of_2(dim)
-    block_r = triton.next_power_of_2(gqa)
-    _merge_kernel[(batch, hq // gqa)](
+    _merge_kernel[(batch, hq, 1)](
         o_part,
         lse_part,
         head_splits if head_splits is not None else lse_part,
@@ -679,11 +707,9 @@ def merge_partials(
         out.stride(1),
         hq,
         GQA=gqa,
-        ROWS=gqa,
         HEAD_DIM=dim,
-        BLOCK_R=block_r,
         BLOCK_D=block_d,
-        BLOCK_S=merge_width(triton.next_power_of_2(max(max_splits, 2)), merge_block, block_r),
+        BLOCK_S=merge_width(triton.next_power_of_2(max(max_splits, 2)), merge_block, 1),
         UNIFORM_SPLITS=uniform_splits,
         WRITE_LSE=lse is not None,
         LSE_BASE2=lse_base2,

@@ -51,18 +51,22 @@ TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # benchmark's sweep checks every other variant's output against the first's.
 LAUNCHES = {
     "merge-kernel": DecodeLaunch(block_n=BLOCK),
-    "merge-kernel-per-kv-head": DecodeLaunch(block_n=BLOCK, merge_per_kv_head=True),
+    "merge-kernel-sliced": DecodeLaunch(block_n=BLOCK, merge_d=16, merge_block=256),
     "fused-merge": DecodeLaunch(block_n=BLOCK, merge="fused", batch_fastest=True),
+    "prefetch": DecodeLaunch(block_n=BLOCK, prefetch=True),
 }
 if CUDA:
     LAUNCHES |= {
         "merge-kernel-pdl": DecodeLaunch(block_n=BLOCK, pdl=True, batch_fastest=True),
         "merge-kernel-pdl-early": DecodeLaunch(
-            block_n=BLOCK, pdl=True, early_trigger=True, merge_per_kv_head=True
+            block_n=BLOCK, pdl=True, early_trigger=True, merge_d=32, merge_block=256
         ),
         "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
         "fused-merge-pdl-early": DecodeLaunch(
             block_n=BLOCK, merge="fused", pdl=True, early_trigger=True
+        ),
+        "pdl-early-prefetch": DecodeLaunch(
+            block_n=32, num_stages=3, pdl=True, early_trigger=True, prefetch=True
         ),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
     }
@@ -279,8 +283,8 @@ def test_decode_merges_hundreds_of_splits(merge: str) -> None:
     launch = DecodeLaunch(
         block_n=BLOCK,
         merge=merge,
-        merge_block=random.choice([4, 16, 64]),
-        merge_per_kv_head=random.random() < 0.5,
+        merge_block=random.choice([4, 16, 64, 256]),
+        merge_d=random.choice([16, 32, 128]),
     )
     q = torch.randn(2, 8, DIM, device=DEVICE).half()
     req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
