@@ -75,24 +75,23 @@ def interpreting() -> bool:
 class DecodeLaunch:
     """How to launch decode: tile width, warps and pipeline stages of the split kernel;
     who merges the splits (`kernel`: a second launch; `fused`: the last split to finish);
-    (q head, split) partial rows per merge load (`merge_block`) and the merge kernel's
-    head-dim slice per program (`merge_d`: narrower slices, more programs, wider loads in
-    the same registers); programmatic dependent launch (`pdl`, ignored where the GPU or
-    the interpreter cannot do it); whether the next launch may start at once, this one
-    reading the step's tables before its wait (`early_trigger`), or only after the wait;
-    whether a program reads its first tile's history (all but the step's new token) before
-    the wait (`prefetch`); grid order (`batch_fastest`: the grid is (batch, work items), so
-    CTAs start item by item across all requests and the table's heaviest splits start
-    first for every request, not only for the first ones). The field defaults are the
-    2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall fastest
-    of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
+    partial elements one merge load holds (`merge_tile`, (q head, split, dim) fp32 values:
+    the merge kernel takes all the bucket's splits of a row at once where they fit, slicing
+    the head dim over programs to make them fit); programmatic dependent launch (`pdl`,
+    ignored where the GPU or the interpreter cannot do it); whether the next launch may
+    start at once, this one reading the step's tables before its wait (`early_trigger`),
+    or only after the wait; whether a program reads its first tile's history (all but the
+    step's new token) before the wait (`prefetch`); grid order (`batch_fastest`: the grid
+    is (batch, work items), so CTAs start item by item across all requests and the table's
+    heaviest splits start first for every request, not only for the first ones). The field
+    defaults are the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is
+    the overall fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     merge: str = "kernel"
-    merge_block: int = 64
-    merge_d: int = 128
+    merge_tile: int = 8192
     pdl: bool = False
     early_trigger: bool = False
     prefetch: bool = False
@@ -101,10 +100,8 @@ class DecodeLaunch:
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n {self.block_n} must be a power of 2 >= 16")
-        if self.merge_block < 2 or self.merge_block & (self.merge_block - 1):
-            raise ValueError(f"merge_block {self.merge_block} must be a power of 2 >= 2")
-        if self.merge_d < 16 or self.merge_d & (self.merge_d - 1):
-            raise ValueError(f"merge_d {self.merge_d} must be a power of 2 >= 16")
+        if self.merge_tile < 32 or self.merge_tile & (self.merge_tile - 1):
+            raise ValueError(f"merge_tile {self.merge_tile} must be a power of 2 >= 32")
         if self.merge not in MERGES:
             raise ValueError(f"merge {self.merge!r} is not one of {MERGES}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
@@ -129,7 +126,7 @@ class LayerWork:
     num_items: int
     head_splits: torch.Tensor  # [Hkv] int32
     max_splits: int  # partial-buffer stride (the bucket's largest split count)
-    block_s: int  # next power of 2 of the plan's largest split count (merge chunk bound)
+    block_s: int  # next power of 2 of the bucket's largest split count (merge chunk bound)
     min_chunk: int
 
 
@@ -139,7 +136,6 @@ class DecodeSchedule:
     def __init__(self, plan: AotPlan, device: torch.device | str) -> None:
         self.plan = plan
         self._layers: list[list[LayerWork]] = []
-        block_s = triton.next_power_of_2(max(plan.most_splits, 2))
         for b in range(len(plan.buckets)):
             tables = [plan.table(b, layer) for layer in range(plan.num_layers)]
             width = max(t.num_items for t in tables)
@@ -159,7 +155,7 @@ class DecodeSchedule:
                         t.num_items,
                         splits[layer],
                         plan.bucket_max_splits(b),
-                        block_s,
+                        triton.next_power_of_2(max(plan.bucket_max_splits(b), 2)),
                         plan.min_chunk,
                     )
                     for layer, t in enumerate(tables)
@@ -514,10 +510,12 @@ def _merge_kernel(
             tl.store(LseOut + b * num_q_heads + row, total)
 
 
-def merge_width(block_s: int, merge_block: int, block_r: int) -> int:
-    """Splits per merge load: the plan's bound, and `merge_block` (q head, split) partial
-    rows over the program's `block_r` q heads; at least 2."""
-    return max(2, min(block_s, merge_block // block_r))
+def merge_shape(block_s: int, tile: int, rows: int, block_d: int) -> tuple[int, int]:
+    """(splits, head-dim slice) per merge load of `rows` q heads: all `block_s` splits if
+    `tile` elements hold them at a slice of >= 16, else as many as fit the whole dim; at
+    least 2 splits."""
+    dim = max(16, min(block_d, tile // (rows * block_s)))
+    return max(2, min(block_s, tile // (rows * dim))), dim
 
 
 def _check_decode_args(
@@ -583,7 +581,7 @@ def decode_attention(
     pdl_kw = {"launch_pdl": True} if pdl else {}
     block_d = triton.next_power_of_2(dim)
     block_r = triton.next_power_of_2(gqa)
-    block_s = merge_width(work.block_s, launch.merge_block, block_r)
+    block_s, _ = merge_shape(work.block_s, launch.merge_tile, block_r, block_d)
     ms = work.max_splits
     grid = (batch, work.num_items) if launch.batch_fastest else (work.num_items, batch)
     _split_kernel[grid](
@@ -634,7 +632,7 @@ def decode_attention(
         **pdl_kw,
     )
     if not fused:
-        merge_d = min(launch.merge_d, block_d)
+        merge_s, merge_d = merge_shape(work.block_s, launch.merge_tile, 1, block_d)
         _merge_kernel[(batch, hq, block_d // merge_d)](
             workspace.o_part,
             workspace.lse_part,
@@ -653,7 +651,7 @@ def decode_attention(
             GQA=gqa,
             HEAD_DIM=dim,
             BLOCK_D=merge_d,
-            BLOCK_S=merge_width(work.block_s, launch.merge_block, 1),
+            BLOCK_S=merge_s,
             UNIFORM_SPLITS=0,
             WRITE_LSE=lse is not None,
             LSE_BASE2=False,
@@ -678,7 +676,7 @@ def merge_partials(
     max_splits: int,
     uniform_splits: int = 0,
     lse_base2: bool = False,
-    merge_block: int = 64,
+    merge_tile: int = 8192,
 ) -> torch.Tensor:
     """Combine split partials by log-sum-exp: out[b, h] = sum_s w_s o[b, h, s] with
     w_s = exp(lse_s - lse), skipping empty splits (lse = -inf); all empty gives 0.
@@ -686,7 +684,7 @@ def merge_partials(
     Strides (in elements) address partial (b, h, s) of `o_part`/`lse_part`, so both this
     module's buffer and FlashInfer's [(b, s), h] outputs merge without a copy. Split
     counts come from `head_splits[h // gqa]`, or `uniform_splits` when > 0; any count up
-    to `max_splits` merges, `merge_block` partials per load. `lse_base2`: the partial lse
+    to `max_splits` merges, `merge_tile` partial elements per load. `lse_base2`: the partial lse
     are log2 (FlashInfer's); `lse` is always written in natural log.
     """
     batch, hq, dim = out.shape
@@ -695,7 +693,9 @@ def merge_partials(
     if lse is not None and (lse.shape != (batch, hq) or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous [{batch}, {hq}] tensor")
     block_d = triton.next_power_of_2(dim)
-    _merge_kernel[(batch, hq, 1)](
+    block_s = triton.next_power_of_2(max(max_splits, 2))
+    merge_s, merge_d = merge_shape(block_s, merge_tile, 1, block_d)
+    _merge_kernel[(batch, hq, block_d // merge_d)](
         o_part,
         lse_part,
         head_splits if head_splits is not None else lse_part,
@@ -708,8 +708,8 @@ def merge_partials(
         hq,
         GQA=gqa,
         HEAD_DIM=dim,
-        BLOCK_D=block_d,
-        BLOCK_S=merge_width(triton.next_power_of_2(max(max_splits, 2)), merge_block, 1),
+        BLOCK_D=merge_d,
+        BLOCK_S=merge_s,
         UNIFORM_SPLITS=uniform_splits,
         WRITE_LSE=lse is not None,
         LSE_BASE2=lse_base2,

@@ -51,7 +51,7 @@ TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # benchmark's sweep checks every other variant's output against the first's.
 LAUNCHES = {
     "merge-kernel": DecodeLaunch(block_n=BLOCK),
-    "merge-kernel-sliced": DecodeLaunch(block_n=BLOCK, merge_d=16, merge_block=256),
+    "merge-kernel-small-tile": DecodeLaunch(block_n=BLOCK, merge_tile=64),
     "fused-merge": DecodeLaunch(block_n=BLOCK, merge="fused", batch_fastest=True),
     "prefetch": DecodeLaunch(block_n=BLOCK, prefetch=True),
 }
@@ -59,7 +59,7 @@ if CUDA:
     LAUNCHES |= {
         "merge-kernel-pdl": DecodeLaunch(block_n=BLOCK, pdl=True, batch_fastest=True),
         "merge-kernel-pdl-early": DecodeLaunch(
-            block_n=BLOCK, pdl=True, early_trigger=True, merge_d=32, merge_block=256
+            block_n=BLOCK, pdl=True, early_trigger=True, merge_tile=2048
         ),
         "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
         "fused-merge-pdl-early": DecodeLaunch(
@@ -176,7 +176,7 @@ def assert_rows_close(
 @pytest.mark.parametrize("page", PAGE_SIZES)
 def test_decode_matches_reference(gqa: int, dtype: torch.dtype, page: int, variant: str) -> None:
     seed = fresh_seed()
-    launch = dataclasses.replace(LAUNCHES[variant], merge_block=random.choice([2, 4, 64]))
+    launch = dataclasses.replace(LAUNCHES[variant], merge_tile=random.choice([32, 256, 8192]))
     hkv = 4 if gqa == 1 else 2
     layout = random_layout(2, hkv, 3, DIM)
     batch = random.randint(2, 5)
@@ -283,8 +283,7 @@ def test_decode_merges_hundreds_of_splits(merge: str) -> None:
     launch = DecodeLaunch(
         block_n=BLOCK,
         merge=merge,
-        merge_block=random.choice([4, 16, 64, 256]),
-        merge_d=random.choice([16, 32, 128]),
+        merge_tile=random.choice([64, 512, 4096, 16384]),
     )
     q = torch.randn(2, 8, DIM, device=DEVICE).half()
     req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
@@ -326,7 +325,7 @@ def test_merge_partials_of_flashinfer_layout(gqa: int) -> None:
         max_splits=splits,
         uniform_splits=splits,
         lse_base2=True,
-        merge_block=random.choice([2, 4, 64]),
+        merge_tile=random.choice([32, 256, 8192]),
     )
     ln = lse2.double().view(batch, splits, hq) * math.log(2)
     w = torch.softmax(ln, dim=1).nan_to_num(0.0)  # all-empty rows: weight 0
