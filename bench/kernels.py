@@ -115,7 +115,7 @@ def _variant(
     bf: bool = True,
     min_chunk: int = 128,
     cap: int = DEFAULT_MAX_SPLITS,
-    early: bool = False,
+    trig: str = "wait",
     tile: int = 8192,
     pf: bool = False,
 ) -> tuple[str, Variant]:
@@ -125,7 +125,7 @@ def _variant(
     name += f"-t{tile}" if tile != 8192 else ""
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
-    name += "-early" if early else ""
+    name += f"-{trig}" if trig != "wait" else ""
     name += "-pf" if pf else ""
     launch = DecodeLaunch(
         block_n=n,
@@ -134,7 +134,7 @@ def _variant(
         merge=merge,
         merge_tile=tile,
         pdl=pdl,
-        early_trigger=early,
+        trigger=trig,
         prefetch=pf,
         batch_fastest=bf,
     )
@@ -145,7 +145,8 @@ def _variant(
 # runs the matrix with each batch size's fastest. LEGACY is the 2026-11-23 default (splits
 # capped at 64), kept for comparison; names spell the knobs (kernel|fused merge, BLOCK_N,
 # warps, stages, waves, min_chunk, split cap, merge tile, -bf: batch-fastest grid, -pdl:
-# programmatic dependent launch, -early: early trigger, -pf: first-tile prefetch).
+# programmatic dependent launch, -start/-end: where a program lets the next launch start
+# (default: after its wait), -pf: first-tile prefetch).
 LEGACY = "n64-w4-s2-merge-kernel-waves4"
 VARIANTS = {
     LEGACY: Variant(DecodeLaunch(), 4.0, 64, 128),
@@ -157,16 +158,15 @@ VARIANTS = {
             _variant("kernel", 32, 4, 3, 4),
             _variant("kernel", 64, 4, 3, 8),
             _variant("kernel", 64, 8, 3, 4),
-            _variant("kernel", 32, 4, 3, 4, early=True),
-            _variant("kernel", 64, 4, 4, 4, early=True),
-            _variant("kernel", 64, 8, 3, 4, early=True),
-            _variant("kernel", 32, 4, 3, 4, early=True, pf=True),
-            _variant("kernel", 64, 4, 4, 4, early=True, pf=True),
-            _variant("kernel", 32, 4, 3, 4, early=True, tile=2048),
-            _variant("kernel", 64, 4, 4, 4, early=True, tile=32768),
-            _variant("kernel", 32, 4, 3, 2, early=True),
-            _variant("fused", 32, 4, 3, 4, early=True),
-            _variant("fused", 64, 4, 4, 4, early=True),
+            _variant("kernel", 32, 4, 3, 4, trig="start"),
+            _variant("kernel", 32, 4, 3, 4, trig="end"),
+            _variant("kernel", 64, 4, 4, 4, trig="start"),
+            _variant("kernel", 64, 4, 4, 4, trig="end"),
+            _variant("kernel", 32, 4, 3, 4, trig="end", pf=True),
+            _variant("kernel", 64, 4, 4, 4, trig="end", pf=True),
+            _variant("kernel", 64, 4, 4, 4, trig="end", tile=32768),
+            _variant("fused", 32, 4, 3, 4, trig="end"),
+            _variant("fused", 64, 4, 4, 4, trig="end"),
         ]
     ),
 }

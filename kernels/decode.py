@@ -17,12 +17,12 @@ combined by log-sum-exp, BLOCK_S of them at a time, so any split count merges wi
 compile: by a merge kernel (`merge="kernel"`), or by the last split of the (request, kv
 head) to finish, counted by an atomic (`merge="fused"`, one launch per layer); either
 merges all q heads of a kv head together. With `pdl`, on Hopper and newer, each launch may
-start while the previous one drains (programmatic dependent launch): every program lets
-the next launch start at once, reads the tables written before the step's first layer
-(plan, pool, the step's rows and lengths), and only then waits for the previous grid
-before reading what the layer's earlier kernels write (q, K/V, partials). So the next
-launch's start and table reads overlap this one's tail. The contract: those tables are
-written before the step's first layer (in serving, by the forward's set-up).
+start while the previous one drains (programmatic dependent launch): a program reads the
+tables written before the step's first layer (plan, pool, the step's rows and lengths)
+before it waits for the previous grid, and only after the wait what the layer's earlier
+kernels write (q, K/V, partials); where it lets the next launch start is a launch knob.
+The contract: those tables are written before the step's first layer (in serving, by
+the forward's set-up).
 How to launch is a `DecodeLaunch`; the benchmark's variant sweep picks one. Launch shapes
 depend only on the bucket and the batch size, so a decode step can be captured in a CUDA
 graph per batch size.
@@ -63,6 +63,7 @@ except ImportError:  # a Triton without programmatic dependent launch: pdl is ig
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # jit functions read only constexpr globals
 MERGES = ("kernel", "fused")
+TRIGGERS = ("start", "wait", "end")  # where a program lets the next PDL launch start
 
 
 def interpreting() -> bool:
@@ -78,14 +79,14 @@ class DecodeLaunch:
     partial elements one merge load holds (`merge_tile`, (q head, split, dim) fp32 values:
     the merge kernel takes all the bucket's splits of a row at once where they fit, slicing
     the head dim over programs to make them fit); programmatic dependent launch (`pdl`,
-    ignored where the GPU or the interpreter cannot do it); whether the next launch may
-    start at once, this one reading the step's tables before its wait (`early_trigger`),
-    or only after the wait; whether a program reads its first tile's history (all but the
-    step's new token) before the wait (`prefetch`); grid order (`batch_fastest`: the grid
-    is (batch, work items), so CTAs start item by item across all requests and the table's
-    heaviest splits start first for every request, not only for the first ones). The field
-    defaults are the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is
-    the overall fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
+    ignored where the GPU or the interpreter cannot do it) and where a program lets the
+    next launch start (`trigger`: at its start, after its wait, or at its end); whether a
+    program reads its first tile's history (all but the step's new token) before the wait
+    (`prefetch`); grid order (`batch_fastest`: the grid is (batch, work items), so CTAs
+    start item by item across all requests and the table's heaviest splits start first for
+    every request, not only for the first ones). The field defaults are the 2026-11-23
+    launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall fastest of the
+    H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -93,7 +94,7 @@ class DecodeLaunch:
     merge: str = "kernel"
     merge_tile: int = 8192
     pdl: bool = False
-    early_trigger: bool = False
+    trigger: str = "wait"
     prefetch: bool = False
     batch_fastest: bool = False
 
@@ -102,6 +103,8 @@ class DecodeLaunch:
             raise ValueError(f"block_n {self.block_n} must be a power of 2 >= 16")
         if self.merge_tile < 32 or self.merge_tile & (self.merge_tile - 1):
             raise ValueError(f"merge_tile {self.merge_tile} must be a power of 2 >= 32")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger {self.trigger!r} is not one of {TRIGGERS}")
         if self.merge not in MERGES:
             raise ValueError(f"merge {self.merge!r} is not one of {MERGES}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
@@ -290,7 +293,7 @@ def _split_kernel(
     FUSED_MERGE: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
+    TRIGGER: tl.constexpr,
     PREFETCH: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
 ):
@@ -300,7 +303,7 @@ def _split_kernel(
     else:
         item = tl.program_id(0)
         b = tl.program_id(1)
-    if USE_PDL and EARLY_TRIGGER:  # the next launch reads nothing of ours before its wait
+    if USE_PDL and TRIGGER == 0:  # the next launch reads nothing of ours before its wait
         gdc_launch_dependents()
     # The plan's and the pool's tables (written once at start-up) ...
     h = tl.load(Items + item * 4)
@@ -309,9 +312,6 @@ def _split_kernel(
     g = tl.load(Items + item * 4 + 3).to(tl.int64)
     base = tl.load(HeadBase + h).to(tl.int64)
     stride = tl.load(HeadStride + h).to(tl.int64)
-    if USE_PDL and not EARLY_TRIGGER:
-        gdc_wait()
-        gdc_launch_dependents()
     # ... the step's rows and lengths (written before its first layer) ...
     r = tl.load(ReqRows + b).to(tl.int64)
     length = tl.load(GroupLens + g * stride_gl_g + r)
@@ -346,8 +346,10 @@ def _split_kernel(
             offs_d,
             mask_d,
         )
-    if USE_PDL and EARLY_TRIGGER:  # ... then what the layer's earlier kernels write
+    if USE_PDL:  # ... then what the layer's earlier kernels write
         gdc_wait()
+        if TRIGGER == 1:
+            gdc_launch_dependents()
 
     q_heads = h * GQA + offs_h
     q = tl.load(
@@ -433,6 +435,8 @@ def _split_kernel(
                 if WRITE_LSE:
                     tl.store(LseOut + b * num_q_heads + heads, total, mask=mask_r)
                 tl.atomic_xchg(Arrivals + b * num_kv_heads + h, 0)
+    if USE_PDL and TRIGGER == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -460,13 +464,13 @@ def _merge_kernel(
     LSE_BASE2: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
     USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
     """One program per (request, q head, BLOCK_D slice of the head dim): slices spread a
     row's partial loads over programs, so a wide BLOCK_S loads all splits at once."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    if USE_PDL and EARLY_TRIGGER:
+    if USE_PDL and TRIGGER == 0:
         gdc_launch_dependents()
     if UNIFORM_SPLITS > 0:  # noqa: SIM108  (a constexpr branch, as Triton prefers)
         n_split = UNIFORM_SPLITS
@@ -478,7 +482,7 @@ def _merge_kernel(
         fewest = 1
     if USE_PDL:
         gdc_wait()
-        if not EARLY_TRIGGER:
+        if TRIGGER != 0:
             gdc_launch_dependents()
     if n_split >= fewest:
         row = tl.zeros([1], tl.int64) + hq
@@ -581,7 +585,8 @@ def decode_attention(
     pdl_kw = {"launch_pdl": True} if pdl else {}
     block_d = triton.next_power_of_2(dim)
     block_r = triton.next_power_of_2(gqa)
-    block_s, _ = merge_shape(work.block_s, launch.merge_tile, block_r, block_d)
+    # The fused merge loads whole rows (its program's head dim is not sliced).
+    block_s = max(2, min(work.block_s, launch.merge_tile // (block_r * block_d)))
     ms = work.max_splits
     grid = (batch, work.num_items) if launch.batch_fastest else (work.num_items, batch)
     _split_kernel[grid](
@@ -624,7 +629,7 @@ def decode_attention(
         FUSED_MERGE=fused,
         WRITE_LSE=lse is not None,
         USE_PDL=pdl,
-        EARLY_TRIGGER=launch.early_trigger,
+        TRIGGER=TRIGGERS.index(launch.trigger),
         PREFETCH=launch.prefetch,
         BATCH_FASTEST=launch.batch_fastest,
         num_warps=launch.num_warps,
@@ -657,7 +662,7 @@ def decode_attention(
             LSE_BASE2=False,
             SKIP_SINGLE=True,
             USE_PDL=pdl,
-            EARLY_TRIGGER=launch.early_trigger,
+            TRIGGER=TRIGGERS.index(launch.trigger),
             num_warps=4,
             **pdl_kw,
         )
@@ -715,7 +720,7 @@ def merge_partials(
         LSE_BASE2=lse_base2,
         SKIP_SINGLE=False,
         USE_PDL=False,
-        EARLY_TRIGGER=False,
+        TRIGGER=1,
         num_warps=4,
     )
     return out

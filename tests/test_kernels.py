@@ -58,15 +58,13 @@ LAUNCHES = {
 if CUDA:
     LAUNCHES |= {
         "merge-kernel-pdl": DecodeLaunch(block_n=BLOCK, pdl=True, batch_fastest=True),
-        "merge-kernel-pdl-early": DecodeLaunch(
-            block_n=BLOCK, pdl=True, early_trigger=True, merge_tile=2048
+        "merge-kernel-pdl-start": DecodeLaunch(
+            block_n=BLOCK, pdl=True, trigger="start", merge_tile=2048
         ),
         "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
-        "fused-merge-pdl-early": DecodeLaunch(
-            block_n=BLOCK, merge="fused", pdl=True, early_trigger=True
-        ),
-        "pdl-early-prefetch": DecodeLaunch(
-            block_n=32, num_stages=3, pdl=True, early_trigger=True, prefetch=True
+        "fused-merge-pdl-end": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True, trigger="end"),
+        "pdl-end-prefetch": DecodeLaunch(
+            block_n=32, num_stages=3, pdl=True, trigger="end", prefetch=True
         ),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
     }
