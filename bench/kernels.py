@@ -118,11 +118,13 @@ def _variant(
     trig: str = "wait",
     tile: int = 8192,
     pf: bool = False,
+    regs: int | None = None,
 ) -> tuple[str, Variant]:
     name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
     name += f"-mc{min_chunk}" if min_chunk != 128 else ""
     name += f"-cap{cap}" if cap != DEFAULT_MAX_SPLITS else ""
     name += f"-t{tile}" if tile != 8192 else ""
+    name += f"-r{regs}" if regs else ""
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
     name += f"-{trig}" if trig != "wait" else ""
@@ -137,6 +139,7 @@ def _variant(
         trigger=trig,
         prefetch=pf,
         batch_fastest=bf,
+        max_regs=regs,
     )
     return name, Variant(launch, waves, cap, min_chunk)
 
@@ -146,7 +149,7 @@ def _variant(
 # capped at 64), kept for comparison; names spell the knobs (kernel|fused merge, BLOCK_N,
 # warps, stages, waves, min_chunk, split cap, merge tile, -bf: batch-fastest grid, -pdl:
 # programmatic dependent launch, -start/-end: where a program lets the next launch start
-# (default: after its wait), -pf: first-tile prefetch).
+# (default: after its wait), -pf: first-tile prefetch, -rN: split-kernel register cap).
 LEGACY = "n64-w4-s2-merge-kernel-waves4"
 VARIANTS = {
     LEGACY: Variant(DecodeLaunch(), 4.0, 64, 128),
@@ -167,6 +170,13 @@ VARIANTS = {
             _variant("kernel", 64, 4, 4, 4, trig="end", tile=32768),
             _variant("fused", 32, 4, 3, 4, trig="end"),
             _variant("fused", 64, 4, 4, 4, trig="end"),
+            _variant("kernel", 32, 4, 3, 4, regs=96),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96),
+            _variant("kernel", 32, 4, 3, 4, regs=72),
+            _variant("kernel", 32, 4, 3, 6.5, regs=72),
+            _variant("kernel", 64, 4, 4, 3.8, regs=128),
+            _variant("fused", 32, 4, 3, 4, trig="end", regs=72),
+            _variant("fused", 32, 4, 3, 6.5, trig="end", regs=72),
         ]
     ),
 }

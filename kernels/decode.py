@@ -84,9 +84,10 @@ class DecodeLaunch:
     program reads its first tile's history (all but the step's new token) before the wait
     (`prefetch`); grid order (`batch_fastest`: the grid is (batch, work items), so CTAs
     start item by item across all requests and the table's heaviest splits start first for
-    every request, not only for the first ones). The field defaults are the 2026-11-23
-    launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall fastest of the
-    H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
+    every request, not only for the first ones); a register cap for the split kernel
+    (`max_regs`: more resident CTAs per SM, more loads in flight). The field defaults are
+    the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall
+    fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -97,12 +98,15 @@ class DecodeLaunch:
     trigger: str = "wait"
     prefetch: bool = False
     batch_fastest: bool = False
+    max_regs: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n {self.block_n} must be a power of 2 >= 16")
         if self.merge_tile < 32 or self.merge_tile & (self.merge_tile - 1):
             raise ValueError(f"merge_tile {self.merge_tile} must be a power of 2 >= 32")
+        if self.max_regs is not None and not 24 <= self.max_regs <= 255:
+            raise ValueError(f"max_regs {self.max_regs} must lie in 24..255")
         if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger {self.trigger!r} is not one of {TRIGGERS}")
         if self.merge not in MERGES:
@@ -583,6 +587,7 @@ def decode_attention(
     fused = launch.merge == "fused"
     pdl = launch.pdl and _pdl_supported(q.device)
     pdl_kw = {"launch_pdl": True} if pdl else {}
+    regs_kw = {"maxnreg": launch.max_regs} if launch.max_regs and not interpreting() else {}
     block_d = triton.next_power_of_2(dim)
     block_r = triton.next_power_of_2(gqa)
     # The fused merge loads whole rows (its program's head dim is not sliced).
@@ -635,6 +640,7 @@ def decode_attention(
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **pdl_kw,
+        **regs_kw,
     )
     if not fused:
         merge_s, merge_d = merge_shape(work.block_s, launch.merge_tile, 1, block_d)

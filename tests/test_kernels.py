@@ -67,6 +67,7 @@ if CUDA:
             block_n=32, num_stages=3, pdl=True, trigger="end", prefetch=True
         ),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
+        "n32-regs72": DecodeLaunch(block_n=32, num_stages=3, pdl=True, max_regs=72),
     }
 
 
