@@ -117,7 +117,6 @@ def _variant(
     cap: int = DEFAULT_MAX_SPLITS,
     trig: str = "wait",
     tile: int = 8192,
-    pf: bool = False,
     regs: int | None = None,
 ) -> tuple[str, Variant]:
     name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
@@ -128,7 +127,6 @@ def _variant(
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
     name += f"-{trig}" if trig != "wait" else ""
-    name += "-pf" if pf else ""
     launch = DecodeLaunch(
         block_n=n,
         num_warps=w,
@@ -137,7 +135,6 @@ def _variant(
         merge_tile=tile,
         pdl=pdl,
         trigger=trig,
-        prefetch=pf,
         batch_fastest=bf,
         max_regs=regs,
     )
@@ -149,7 +146,7 @@ def _variant(
 # capped at 64), kept for comparison; names spell the knobs (kernel|fused merge, BLOCK_N,
 # warps, stages, waves, min_chunk, split cap, merge tile, -bf: batch-fastest grid, -pdl:
 # programmatic dependent launch, -start/-end: where a program lets the next launch start
-# (default: after its wait), -pf: first-tile prefetch, -rN: split-kernel register cap).
+# (default: after its wait), -rN: split-kernel register cap).
 LEGACY = "n64-w4-s2-merge-kernel-waves4"
 VARIANTS = {
     LEGACY: Variant(DecodeLaunch(), 4.0, 64, 128),
@@ -165,8 +162,6 @@ VARIANTS = {
             _variant("kernel", 32, 4, 3, 4, trig="end"),
             _variant("kernel", 64, 4, 4, 4, trig="start"),
             _variant("kernel", 64, 4, 4, 4, trig="end"),
-            _variant("kernel", 32, 4, 3, 4, trig="end", pf=True),
-            _variant("kernel", 64, 4, 4, 4, trig="end", pf=True),
             _variant("kernel", 64, 4, 4, 4, trig="end", tile=32768),
             _variant("fused", 32, 4, 3, 4, trig="end"),
             _variant("fused", 64, 4, 4, 4, trig="end"),

@@ -80,14 +80,14 @@ class DecodeLaunch:
     the merge kernel takes all the bucket's splits of a row at once where they fit, slicing
     the head dim over programs to make them fit); programmatic dependent launch (`pdl`,
     ignored where the GPU or the interpreter cannot do it) and where a program lets the
-    next launch start (`trigger`: at its start, after its wait, or at its end); whether a
-    program reads its first tile's history (all but the step's new token) before the wait
-    (`prefetch`); grid order (`batch_fastest`: the grid is (batch, work items), so CTAs
-    start item by item across all requests and the table's heaviest splits start first for
-    every request, not only for the first ones); a register cap for the split kernel
-    (`max_regs`: more resident CTAs per SM, more loads in flight). The field defaults are
-    the 2026-11-23 launch (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall
-    fastest of the H100 sweep of 2026-11-24 (bench/results/kernels-2026-11-24)."""
+    next launch start (`trigger`: at its start, after its wait, or at its end); grid order
+    (`batch_fastest`: the grid is (batch, work items), so CTAs start item by item across
+    all requests and the table's heaviest splits start first for every request, not only
+    for the first ones); a register cap for the split kernel (`max_regs`: more resident
+    CTAs per SM, more loads in flight; a grid of one CTA more than fits pays a whole extra
+    CTA's time). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
+    `DEFAULT_LAUNCH` is the overall fastest of the H100 sweep of 2026-11-24
+    (bench/results/kernels-2026-11-24d)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -96,7 +96,6 @@ class DecodeLaunch:
     merge_tile: int = 8192
     pdl: bool = False
     trigger: str = "wait"
-    prefetch: bool = False
     batch_fastest: bool = False
     max_regs: int | None = None
 
@@ -115,7 +114,7 @@ class DecodeLaunch:
             raise ValueError(f"num_warps {self.num_warps} / num_stages {self.num_stages} invalid")
 
 
-DEFAULT_LAUNCH = DecodeLaunch(num_stages=3, pdl=True, batch_fastest=True)
+DEFAULT_LAUNCH = DecodeLaunch(num_stages=4, pdl=True, batch_fastest=True, trigger="end")
 
 
 @functools.cache
@@ -298,7 +297,6 @@ def _split_kernel(
     WRITE_LSE: tl.constexpr,
     USE_PDL: tl.constexpr,
     TRIGGER: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
 ):
     if BATCH_FASTEST:
@@ -332,24 +330,6 @@ def _split_kernel(
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
     slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
-    if PREFETCH:
-        # The first tile's history is static during the step: read it before the wait. The
-        # step's new token (position length - 1, written by the layer's KV store) is not.
-        offs_0 = start + tl.arange(0, BLOCK_N)
-        mask_0 = offs_0 < end
-        k0, v0 = load_ragged_kv(
-            K,
-            V,
-            slot_ptr,
-            base,
-            stride,
-            stride_kr,
-            stride_vr,
-            offs_0,
-            mask_0 & (offs_0 < length - 1),
-            offs_d,
-            mask_d,
-        )
     if USE_PDL:  # ... then what the layer's earlier kernels write
         gdc_wait()
         if TRIGGER == 1:
@@ -367,20 +347,7 @@ def _split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    first = start
-    if PREFETCH:
-        if end > start:
-            new = mask_0 & (offs_0 == length - 1)
-            k_new, v_new = load_ragged_kv(
-                K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_0, new, offs_d, mask_d
-            )
-            k0 = tl.where(new[:, None], k_new, k0)
-            v0 = tl.where(new[:, None], v_new, v0)
-            m_i, l_i, acc = online_update(
-                q, k0, v0, mask_0[None, :], m_i, l_i, acc, qk_scale, DOT_F32
-            )
-        first = start + BLOCK_N
-    for n0 in range(first, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         k, v = load_ragged_kv(
@@ -635,7 +602,6 @@ def decode_attention(
         WRITE_LSE=lse is not None,
         USE_PDL=pdl,
         TRIGGER=TRIGGERS.index(launch.trigger),
-        PREFETCH=launch.prefetch,
         BATCH_FASTEST=launch.batch_fastest,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,

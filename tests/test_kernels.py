@@ -53,7 +53,6 @@ LAUNCHES = {
     "merge-kernel": DecodeLaunch(block_n=BLOCK),
     "merge-kernel-small-tile": DecodeLaunch(block_n=BLOCK, merge_tile=64),
     "fused-merge": DecodeLaunch(block_n=BLOCK, merge="fused", batch_fastest=True),
-    "prefetch": DecodeLaunch(block_n=BLOCK, prefetch=True),
 }
 if CUDA:
     LAUNCHES |= {
@@ -63,9 +62,6 @@ if CUDA:
         ),
         "fused-merge-pdl": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True),
         "fused-merge-pdl-end": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True, trigger="end"),
-        "pdl-end-prefetch": DecodeLaunch(
-            block_n=32, num_stages=3, pdl=True, trigger="end", prefetch=True
-        ),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
         "n32-regs72": DecodeLaunch(block_n=32, num_stages=3, pdl=True, max_regs=72),
     }
