@@ -146,7 +146,9 @@ class DecodeSchedule:
             tables = [plan.table(b, layer) for layer in range(plan.num_layers)]
             width = max(t.num_items for t in tables)
             # Each item carries its head's split count and group, so a program's first
-            # load round gives all it needs to find its token range.
+            # load round gives all it needs to find its token range. The group is the
+            # plan's: plan and pool come from one layout (TritonPath builds the plan from
+            # the pool's), so it equals the pool's head_group.
             items = torch.zeros((plan.num_layers, width, 4), dtype=torch.int32)
             splits = torch.zeros((plan.num_layers, plan.num_kv_heads), dtype=torch.int32)
             for layer, t in enumerate(tables):
