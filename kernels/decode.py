@@ -15,8 +15,8 @@ A head with one split writes its final output directly. Otherwise each program w
 partial (o, lse) into a fixed buffer `[B, Hq, max_splits, D]`, and the partials are
 combined by log-sum-exp, BLOCK_S of them at a time, so any split count merges with one
 compile: by a merge kernel (`merge="kernel"`), or by the last split of the (request, kv
-head) to finish, counted by an atomic (`merge="fused"`, one launch per layer); either
-merges all q heads of a kv head together. With `pdl`, on Hopper and newer, each launch may
+head) to finish, counted by an atomic (`merge="fused"`, one launch per layer; it merges
+all q heads of its kv head together). With `pdl`, on Hopper and newer, each launch may
 start while the previous one drains (programmatic dependent launch): a program reads the
 tables written before the step's first layer (plan, pool, the step's rows and lengths)
 before it waits for the previous grid, and only after the wait what the layer's earlier
@@ -215,11 +215,12 @@ def _merge_rows(
     LSE_BASE2: tl.constexpr,
     CACHE: tl.constexpr,
 ):
-    """Log-sum-exp merge of `n_split` partials for BLOCK_R rows at once (the q heads of
-    one kv head), BLOCK_S splits per load (online), so one compile merges any split count
-    and the rows' loads are issued together. `rows_o`/`rows_l` `[BLOCK_R]` are each row's
-    split-0 offsets into OPart/LsePart. Empty partials (lse = -inf) weigh 0 whatever their
-    stale o holds. Returns (merged rows fp32 [BLOCK_R, BLOCK_D], natural-log lse or -inf)."""
+    """Log-sum-exp merge of `n_split` partials for BLOCK_R rows at once (the fused merge:
+    the q heads of one kv head; the merge kernel: one), BLOCK_S splits per load (online),
+    so one compile merges any split count and the rows' loads are issued together.
+    `rows_o`/`rows_l` `[BLOCK_R]` are each row's split-0 offsets into OPart/LsePart. Empty
+    partials (lse = -inf) weigh 0 whatever their stale o holds. Returns (merged rows fp32
+    [BLOCK_R, BLOCK_D], natural-log lse or -inf)."""
     offs_s = tl.arange(0, BLOCK_S)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_R], tl.float32)
@@ -255,6 +256,33 @@ def _merge_rows(
     out = acc / tl.where(nonempty, denom, 1.0)[:, None]
     total = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
     return out, total
+
+
+@triton.jit
+def _store_merged(
+    Out,
+    LseOut,
+    b,
+    heads,
+    mask_r,
+    mask_lse,
+    offs_d,
+    mask_d,
+    out,
+    total,
+    stride_ob,
+    stride_oh,
+    num_q_heads,
+    WRITE_LSE: tl.constexpr,
+):
+    """Merged rows `heads` of request b into Out, and their lse where `mask_lse` holds."""
+    tl.store(
+        Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=mask_r[:, None] & mask_d[None, :],
+    )
+    if WRITE_LSE:
+        tl.store(LseOut + b * num_q_heads + heads, total, mask=mask_lse)
 
 
 @triton.jit
@@ -400,13 +428,22 @@ def _split_kernel(
                     False,
                     ".cg",
                 )
-                tl.store(
-                    Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                    merged.to(Out.dtype.element_ty),
-                    mask=mask_r[:, None] & mask_d[None, :],
+                _store_merged(
+                    Out,
+                    LseOut,
+                    b,
+                    heads,
+                    mask_r,
+                    mask_r,
+                    offs_d,
+                    mask_d,
+                    merged,
+                    total,
+                    stride_ob,
+                    stride_oh,
+                    num_q_heads,
+                    WRITE_LSE,
                 )
-                if WRITE_LSE:
-                    tl.store(LseOut + b * num_q_heads + heads, total, mask=mask_r)
                 tl.atomic_xchg(Arrivals + b * num_kv_heads + h, 0)
     if USE_PDL and TRIGGER == 2:
         gdc_launch_dependents()
@@ -459,6 +496,7 @@ def _merge_kernel(
             gdc_launch_dependents()
     if n_split >= fewest:
         row = tl.zeros([1], tl.int64) + hq
+        first_slice = (tl.zeros([1], tl.int32) + tl.program_id(2)) == 0  # writes the lse
         offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         out, total = _merge_rows(
@@ -478,13 +516,22 @@ def _merge_kernel(
             LSE_BASE2,
             "",
         )
-        tl.store(
-            Out + b * stride_ob + row[:, None] * stride_oh + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=mask_d[None, :],
+        _store_merged(
+            Out,
+            LseOut,
+            b,
+            row,
+            row >= 0,
+            first_slice,
+            offs_d,
+            mask_d,
+            out,
+            total,
+            stride_ob,
+            stride_oh,
+            num_q_heads,
+            WRITE_LSE,
         )
-        if WRITE_LSE and tl.program_id(2) == 0:
-            tl.store(LseOut + b * num_q_heads + row, total)
 
 
 def merge_shape(block_s: int, tile: int, rows: int, block_d: int) -> tuple[int, int]:
