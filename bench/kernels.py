@@ -118,6 +118,7 @@ def _variant(
     trig: str = "wait",
     tile: int = 8192,
     regs: int | None = None,
+    pf: int = 0,
 ) -> tuple[str, Variant]:
     name = f"{merge}-n{n}-w{w}-s{s}-waves{waves:g}"
     name += f"-mc{min_chunk}" if min_chunk != 128 else ""
@@ -127,6 +128,7 @@ def _variant(
     name += "-bf" if bf else ""
     name += "-pdl" if pdl else ""
     name += f"-{trig}" if trig != "wait" else ""
+    name += f"-pf{pf}" if pf else ""
     launch = DecodeLaunch(
         block_n=n,
         num_warps=w,
@@ -137,6 +139,7 @@ def _variant(
         trigger=trig,
         batch_fastest=bf,
         max_regs=regs,
+        prefetch=pf,
     )
     return name, Variant(launch, waves, cap, min_chunk)
 
@@ -146,7 +149,8 @@ def _variant(
 # capped at 64), kept for comparison; names spell the knobs (kernel|fused merge, BLOCK_N,
 # warps, stages, waves, min_chunk, split cap, merge tile, -bf: batch-fastest grid, -pdl:
 # programmatic dependent launch, -start/-end: where a program lets the next launch start
-# (default: after its wait), -rN: split-kernel register cap).
+# (default: after its wait), -rN: split-kernel register cap, -pfN: L2 prefetch of each
+# program's first N tokens before the PDL wait).
 LEGACY = "n64-w4-s2-merge-kernel-waves4"
 VARIANTS = {
     LEGACY: Variant(DecodeLaunch(), 4.0, 64, 128),
@@ -172,6 +176,13 @@ VARIANTS = {
             _variant("kernel", 64, 4, 4, 3.8, regs=128),
             _variant("fused", 32, 4, 3, 4, trig="end", regs=72),
             _variant("fused", 32, 4, 3, 6.5, trig="end", regs=72),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96, pf=64),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96, trig="start", pf=32),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96, trig="start", pf=64),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96, trig="start", pf=128),
+            _variant("kernel", 64, 4, 4, 3.8, regs=128, trig="start", pf=64),
+            _variant("kernel", 64, 4, 4, 4, trig="end", pf=64),
+            _variant("fused", 32, 4, 3, 4, trig="start", regs=72, pf=64),
         ]
     ),
 }

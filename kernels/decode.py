@@ -85,7 +85,10 @@ class DecodeLaunch:
     all requests and the table's heaviest splits start first for every request, not only
     for the first ones); a register cap for the split kernel (`max_regs`: more resident
     CTAs per SM, more loads in flight; a grid of one CTA more than fits pays a whole extra
-    CTA's time). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
+    CTA's time); an L2 prefetch of each program's first `prefetch` tokens of K/V, issued
+    before the PDL wait (with `pdl` only: it fills the memory idle while the previous grid
+    drains and merges; a prefetch only warms L2, so what is read after the wait is always
+    current). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
     `DEFAULT_LAUNCH` is the overall fastest of the H100 sweep of 2026-11-24
     (bench/results/kernels-2026-11-24d)."""
 
@@ -98,6 +101,7 @@ class DecodeLaunch:
     trigger: str = "wait"
     batch_fastest: bool = False
     max_regs: int | None = None
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -106,6 +110,8 @@ class DecodeLaunch:
             raise ValueError(f"merge_tile {self.merge_tile} must be a power of 2 >= 32")
         if self.max_regs is not None and not 24 <= self.max_regs <= 255:
             raise ValueError(f"max_regs {self.max_regs} must lie in 24..255")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch {self.prefetch} must be >= 0 tokens")
         if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger {self.trigger!r} is not one of {TRIGGERS}")
         if self.merge not in MERGES:
@@ -195,6 +201,19 @@ class DecodeWorkspace:
             (max_batch * schedule.plan.num_kv_heads,), dtype=torch.int32, device=device
         )
         self.max_batch = max_batch
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """`prefetch.global.L2` of each pointer's line (a hint: no result, no fault)."""
+    tl.inline_asm_elementwise(
+        "mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];",
+        "=r,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -328,6 +347,9 @@ def _split_kernel(
     USE_PDL: tl.constexpr,
     TRIGGER: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
+    PREFETCH_TILES: tl.constexpr,
+    LINES: tl.constexpr,
+    LINE_ELEMS: tl.constexpr,
 ):
     if BATCH_FASTEST:
         b = tl.program_id(0)
@@ -360,6 +382,15 @@ def _split_kernel(
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
     slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
+    # While the previous grid drains: the first tiles' K/V lines into L2 (slots of the
+    # step's table; a masked token prefetches the padding slot's row).
+    offs_line = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, HEAD_DIM - 1)
+    for t in tl.static_range(PREFETCH_TILES):
+        offs_n = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.load(slot_ptr + offs_n, mask=offs_n < end, other=0).to(tl.int64)
+        row = base + slot * stride
+        _prefetch_l2(K + row[:, None] * stride_kr + offs_line[None, :])
+        _prefetch_l2(V + row[:, None] * stride_vr + offs_line[None, :])
     if USE_PDL:  # ... then what the layer's earlier kernels write
         gdc_wait()
         if TRIGGER == 1:
@@ -652,6 +683,9 @@ def decode_attention(
         USE_PDL=pdl,
         TRIGGER=TRIGGERS.index(launch.trigger),
         BATCH_FASTEST=launch.batch_fastest,
+        PREFETCH_TILES=triton.cdiv(launch.prefetch, launch.block_n) if pdl else 0,
+        LINES=triton.next_power_of_2(triton.cdiv(dim * kv.k.element_size(), 128)),
+        LINE_ELEMS=128 // kv.k.element_size(),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **pdl_kw,

@@ -64,6 +64,8 @@ if CUDA:
         "fused-merge-pdl-end": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True, trigger="end"),
         "n128-w8-fused-pdl": DecodeLaunch(block_n=128, num_warps=8, merge="fused", pdl=True),
         "n32-regs72": DecodeLaunch(block_n=32, num_stages=3, pdl=True, max_regs=72),
+        "prefetch-start": DecodeLaunch(block_n=BLOCK, pdl=True, trigger="start", prefetch=40),
+        "fused-prefetch": DecodeLaunch(block_n=BLOCK, merge="fused", pdl=True, prefetch=3 * BLOCK),
     }
 
 
@@ -470,6 +472,14 @@ def test_bad_arguments_name_the_problem() -> None:
             schedule.layer(1, 0),
             workspace,
         )
+    for bad, what in [
+        ({"prefetch": -1}, "prefetch"),
+        ({"max_regs": 8}, "max_regs"),
+        ({"trigger": "late"}, "trigger"),
+        ({"block_n": 48}, "block_n"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            DecodeLaunch(**bad)
     with pytest.raises(ValueError, match="kv head 1 kept"):
         pack_selection([torch.arange(2), torch.arange(3)], [torch.arange(2)], [0, 0], DEVICE)
 
