@@ -183,6 +183,11 @@ VARIANTS = {
             _variant("kernel", 64, 4, 4, 3.8, regs=128, trig="start", pf=64),
             _variant("kernel", 64, 4, 4, 4, trig="end", pf=64),
             _variant("fused", 32, 4, 3, 4, trig="start", regs=72, pf=64),
+            _variant("kernel", 32, 4, 3, 4.5, regs=96, trig="start"),
+            _variant("kernel", 32, 4, 3, 2.4, regs=96, trig="start", pf=64),
+            _variant("kernel", 64, 4, 4, 3.8, regs=128, trig="start"),
+            _variant("kernel", 64, 4, 4, 3.8, regs=128, trig="start", pf=32),
+            _variant("kernel", 64, 4, 4, 3.8, regs=128, trig="end", pf=64),
         ]
     ),
 }

@@ -204,12 +204,14 @@ class DecodeWorkspace:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """`prefetch.global.L2` of each pointer's line (a hint: no result, no fault)."""
+def _prefetch_l2(ptrs, keep):
+    """`prefetch.global.L2` of each kept pointer's line (a hint: no result, no fault).
+    Masked lanes issue nothing: many programs prefetching one line serialize on it."""
     tl.inline_asm_elementwise(
-        "mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];",
-        "=r,l",
-        [ptrs],
+        "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, $2, 0;\n\t@p prefetch.global.L2 [$1];\n\t"
+        "mov.u32 $0, 0;\n\t}",
+        "=r,l,r",
+        [ptrs, keep.to(tl.int32)],
         dtype=tl.int32,
         is_pure=False,
         pack=1,
@@ -382,15 +384,17 @@ def _split_kernel(
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
     slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
-    # While the previous grid drains: the first tiles' K/V lines into L2 (slots of the
-    # step's table; a masked token prefetches the padding slot's row).
+    # While the previous grid drains: the first tiles' K/V lines into L2 (the slots are
+    # the step's table).
     offs_line = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, HEAD_DIM - 1)
     for t in tl.static_range(PREFETCH_TILES):
         offs_n = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        slot = tl.load(slot_ptr + offs_n, mask=offs_n < end, other=0).to(tl.int64)
+        keep = offs_n < end
+        slot = tl.load(slot_ptr + offs_n, mask=keep, other=0).to(tl.int64)
         row = base + slot * stride
-        _prefetch_l2(K + row[:, None] * stride_kr + offs_line[None, :])
-        _prefetch_l2(V + row[:, None] * stride_vr + offs_line[None, :])
+        keep_lines = keep[:, None] & (offs_line >= 0)[None, :]
+        _prefetch_l2(K + row[:, None] * stride_kr + offs_line[None, :], keep_lines)
+        _prefetch_l2(V + row[:, None] * stride_vr + offs_line[None, :], keep_lines)
     if USE_PDL:  # ... then what the layer's earlier kernels write
         gdc_wait()
         if TRIGGER == 1:
