@@ -90,7 +90,7 @@ class DecodeLaunch:
     drains and merges; a prefetch only warms L2, so what is read after the wait is always
     current). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
     `DEFAULT_LAUNCH` is the overall fastest of the H100 sweep of 2026-11-24
-    (bench/results/kernels-2026-11-24d)."""
+    (bench/results/kernels-2026-11-24f), for plans of `DEFAULT_WAVES`."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -120,7 +120,13 @@ class DecodeLaunch:
             raise ValueError(f"num_warps {self.num_warps} / num_stages {self.num_stages} invalid")
 
 
-DEFAULT_LAUNCH = DecodeLaunch(num_stages=4, pdl=True, batch_fastest=True, trigger="end")
+DEFAULT_LAUNCH = DecodeLaunch(
+    num_stages=4, pdl=True, batch_fastest=True, trigger="start", max_regs=128, prefetch=64
+)
+# The AOT plan's CTAs per SM for DEFAULT_LAUNCH: at 128 registers 4 of its CTAs fit an SM;
+# 3.8 keeps the plan's rounded-up split counts inside that one wave (a CTA past it costs a
+# whole extra CTA's time).
+DEFAULT_WAVES = 3.8
 
 
 @functools.cache

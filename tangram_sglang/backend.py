@@ -276,7 +276,7 @@ class TritonPath:
 
         self.kernels = (decode, extend, scatter)
         self.pool = pool
-        self.plan = AotPlan.build(pool.layout, num_q_heads, num_sms)
+        self.plan = AotPlan.build(pool.layout, num_q_heads, num_sms, waves=decode.DEFAULT_WAVES)
         self.schedule = decode.DecodeSchedule(self.plan, pool.device)
         self.workspace = decode.DecodeWorkspace(
             self.schedule, max_batch, pool.layout.head_dim, pool.device
