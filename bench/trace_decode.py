@@ -18,6 +18,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -115,6 +116,9 @@ EDITS = [
 ]
 
 
+TRACED_PATH = Path(tempfile.gettempdir()) / "tangram_traced_decode.py"
+
+
 def traced_module() -> types.ModuleType:
     """The decode module with timer reads; written to a file (Triton's jit needs source)."""
     import tangram_sglang.kernels.decode as decode
@@ -124,7 +128,7 @@ def traced_module() -> types.ModuleType:
         if src.count(anchor) != 1:
             raise RuntimeError(f"anchor found {src.count(anchor)} times: {anchor!r}")
         src = src.replace(anchor, new)
-    path = Path("/tmp/tangram_traced_decode.py")
+    path = TRACED_PATH
     path.write_text(src)
     import importlib.util
 
