@@ -8,7 +8,8 @@
 # variant; 'sweep' times them all on a few points first and runs each batch size with its
 # fastest; 'sweep:A,B' only those), SWEEP_BUDGET_S (200: start no sweep point after this
 # many seconds of the benchmark), BENCH_ARGS (extra bench/kernels.py
-# arguments), TEST_K (pytest -k of the main tests: "not flashinfer"), FI_TEST_TIMEOUT_S
+# arguments), TEST_K (pytest -k of the main tests: "not flashinfer"), TEST_JOBS (6 pytest
+# processes for them; the whole selection took 2 minutes on the H100), FI_TEST_TIMEOUT_S
 # (90), SKIP_TESTS=1, SKIP_MAIN_TESTS=1 (only the FlashInfer
 # path's tests), SKIP_INSTALL=1 (use the current PYTHONPATH), PYTHON (python3).
 set -uo pipefail
@@ -53,9 +54,30 @@ tests() {  # tests LABEL TIMEOUT PYTEST-ARGS...
     | tee "$OUT/tests-$label.log" | tail -40
   say "tests $label exit: ${PIPESTATUS[0]}"
 }
+# The same, spread over TEST_JOBS pytest processes (the compiles are CPU-bound and the
+# GPU is mostly idle): the selected tests, dealt round-robin; exit 0 only if all pass.
+parallel_tests() {  # parallel_tests LABEL TIMEOUT PYTEST-ARGS...
+  local label=$1 limit=$2 jobs=${TEST_JOBS:-6} dir rc=0 part pid pids=(); shift 2
+  say "== kernel tests: $label (compiled, no interpreter, $jobs processes)"
+  dir=$(mktemp -d)
+  "$PY" -m pytest --co -q -p no:cacheprovider "$@" 2>/dev/null | grep "::" \
+    | sed "s#^#$REPO/#" > "$dir/ids"
+  say "$(wc -l < "$dir/ids") tests selected"
+  split -n "r/$jobs" "$dir/ids" "$dir/part_"
+  for part in "$dir"/part_*; do
+    # shellcheck disable=SC2046  # one argument per test id
+    timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider -rfEs $(cat "$part") \
+      > "$part.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  cat "$dir"/part_*.log > "$OUT/tests-$label.log"
+  grep -hE "passed|failed|error|FAILED|ERROR" "$dir"/part_*.log | tail -40
+  say "tests $label exit: $rc"
+}
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${SKIP_MAIN_TESTS:-0}" != 1 ]; then
-  tests main "${TEST_TIMEOUT_S:-200}" "$REPO/tests/test_kernels.py" "$REPO/tests/test_plan.py" \
-    -k "${TEST_K:-not flashinfer}"
+  parallel_tests main "${TEST_TIMEOUT_S:-200}" "$REPO/tests/test_kernels.py" \
+    "$REPO/tests/test_plan.py" -k "${TEST_K:-not flashinfer}"
 fi
 
 say "== benchmark (all points; ours, replan, full-KV baselines)"
