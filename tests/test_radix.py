@@ -170,9 +170,8 @@ def test_a_match_inside_a_compressed_segment_reuses_the_slots_before_the_cut():
     cache, allocator = make_cache(seed)
     start = allocator.pool.free_slots()
     system = [rng.randrange(VOCAB) for _ in range(rng.randint(10, 30))]
-    first = Turn(
-        cache, allocator, system + [rng.randrange(VOCAB) for _ in range(12)], 1, gen, latest
-    )
+    first_turn = [rng.randrange(VOCAB) for _ in range(12)]
+    first = Turn(cache, allocator, system + first_turn, 1, gen, latest)
     segment_slots = allocator.compact(first.values[1])
     first.decode(rng, 3)
     first.finish()
@@ -187,9 +186,12 @@ def test_a_match_inside_a_compressed_segment_reuses_the_slots_before_the_cut():
         assert torch.equal(slots, segment_slots[g][: len(slots)]), (
             f"seed {seed}: group {g} reuses {slots.tolist()}, not a prefix of the turn's slots"
         )
-    second = Turn(
-        cache, allocator, system + [rng.randrange(VOCAB) for _ in range(8)], 2, gen, latest
-    )
+    # Its own turn starts with another token than the first session's (else the match
+    # rightly goes one token further).
+    second_turn = [rng.randrange(VOCAB) for _ in range(8)]
+    if second_turn[0] == first_turn[0]:
+        second_turn[0] = (second_turn[0] + 1) % VOCAB
+    second = Turn(cache, allocator, system + second_turn, 2, gen, latest)
     assert len(second.prefix) == cut, f"seed {seed}: the second session reused {len(second.prefix)}"
     second.finish()
     assert cache.check_evictable_count() is None and allocator.leaks() == []
