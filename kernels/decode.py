@@ -85,10 +85,10 @@ class DecodeLaunch:
     all requests and the table's heaviest splits start first for every request, not only
     for the first ones); a register cap for the split kernel (`max_regs`: more resident
     CTAs per SM, more loads in flight; a grid of one CTA more than fits pays a whole extra
-    CTA's time); an L2 prefetch of each program's first `prefetch` tokens of K/V, issued
-    before the PDL wait (with `pdl` only: it fills the memory idle while the previous grid
-    drains and merges; a prefetch only warms L2, so what is read after the wait is always
-    current). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
+    CTA's time); an L2 prefetch of each program's first `prefetch` tokens of K/V (rounded
+    up to whole tiles), issued before the PDL wait (with `pdl` only: it fills the memory
+    idle while the previous grid drains and merges; a prefetch only warms L2, so what is
+    read after the wait is always current). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
     `DEFAULT_LAUNCH` is the overall fastest of the H100 sweep of 2026-11-24
     (bench/results/kernels-2026-11-24f), for plans of `DEFAULT_WAVES`."""
 
@@ -390,15 +390,15 @@ def _split_kernel(
         mask_d = offs_d < HEAD_DIM
     mask_hd = mask_h[:, None] & mask_d[None, :]
     slot_ptr = ReqToSlot + g * stride_rs_g + r * stride_rs_r
-    # While the previous grid drains: the first tiles' K/V lines into L2 (the slots are
-    # the step's table).
+    # While the previous grid drains: the first tiles' K/V lines into L2 (their slots come
+    # from req_to_slot, which like the lengths is written before the step's first layer).
     offs_line = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, HEAD_DIM - 1)
     for t in tl.static_range(PREFETCH_TILES):
         offs_n = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         keep = offs_n < end
         slot = tl.load(slot_ptr + offs_n, mask=keep, other=0).to(tl.int64)
         row = base + slot * stride
-        keep_lines = keep[:, None] & (offs_line >= 0)[None, :]
+        keep_lines = tl.broadcast_to(keep[:, None], (BLOCK_N, LINES))
         _prefetch_l2(K + row[:, None] * stride_kr + offs_line[None, :], keep_lines)
         _prefetch_l2(V + row[:, None] * stride_vr + offs_line[None, :], keep_lines)
     if USE_PDL:  # ... then what the layer's earlier kernels write
