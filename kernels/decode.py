@@ -88,9 +88,10 @@ class DecodeLaunch:
     CTA's time); an L2 prefetch of each program's first `prefetch` tokens of K/V (rounded
     up to whole tiles), issued before the PDL wait (with `pdl` only: it fills the memory
     idle while the previous grid drains and merges; a prefetch only warms L2, so what is
-    read after the wait is always current). The field defaults are the 2026-11-23 launch (the sweep's legacy variant);
-    `DEFAULT_LAUNCH` is the overall fastest of the H100 sweep of 2026-11-24
-    (bench/results/kernels-2026-11-24f), for plans of `DEFAULT_WAVES`."""
+    read after the wait is always current). The field defaults are the 2026-11-23 launch
+    (the sweep's legacy variant); `DEFAULT_LAUNCH` is the overall fastest of the H100
+    sweep of 2026-11-24 (bench/results/kernels-2026-11-24f), for plans of
+    `DEFAULT_WAVES`."""
 
     block_n: int = 64
     num_warps: int = 4
