@@ -52,13 +52,17 @@ def _trace(Trace, slot, t0, t1):
     tl.store(Trace + slot * 4 + 3, _smid().to(tl.int64))
 
 
-TRACE = {"buf": None, "next": 0}
+TRACE = {"buf": None, "launches": []}  # launches: (kernel, first row, programs)
 
 
-def _trace_base(n):
-    base = TRACE["next"]
-    TRACE["next"] += n
-    return base
+def _trace_args(kernel, n, device):
+    # The launch's rows in the trace buffer, which grows (an eager step sizes it before
+    # the captured one).
+    base = sum(count for _, _, count in TRACE["launches"])
+    TRACE["launches"].append((kernel, base, n))
+    if TRACE["buf"] is None or TRACE["buf"].numel() < 4 * (base + n):
+        TRACE["buf"] = torch.zeros((8 * (base + n),), dtype=torch.int64, device=device)
+    return {"Trace": TRACE["buf"], "trace_base": base}
 """
 
 # (anchor, replacement) pairs: each anchor must occur exactly once in the module source.
@@ -104,13 +108,13 @@ EDITS = [
     ),
     (
         "        BATCH_FASTEST=launch.batch_fastest,\n",
-        "        BATCH_FASTEST=launch.batch_fastest,\n        Trace=TRACE['buf'],\n"
-        "        trace_base=_trace_base(grid[0] * grid[1]),\n",
+        "        BATCH_FASTEST=launch.batch_fastest,\n"
+        "        **_trace_args('split', grid[0] * grid[1], q.device),\n",
     ),
     (
         "            TRIGGER=TRIGGERS.index(launch.trigger),\n            num_warps=4,\n",
-        "            TRIGGER=TRIGGERS.index(launch.trigger),\n            Trace=TRACE['buf'],\n"
-        "            trace_base=_trace_base(batch * hq * (block_d // merge_d)),\n"
+        "            TRIGGER=TRIGGERS.index(launch.trigger),\n"
+        "            **_trace_args('merge', batch * hq * (block_d // merge_d), q.device),\n"
         "            num_warps=4,\n",
     ),
 ]
@@ -139,18 +143,21 @@ def traced_module() -> types.ModuleType:
     return module
 
 
-def layer_summary(rows: torch.Tensor) -> dict:
-    """rows [n, 4] (start, wait end, end, sm) in ns -> first/last times."""
+def summary(rows: torch.Tensor, base: float) -> dict:
+    """One launch's rows [n, 4] (start, wait end, end in ns; SM) -> µs after `base` (the
+    layer's first split start), the programs' busy time after their wait, and the most
+    programs one SM ran."""
     t = rows[:, :3].double()
+    busy = t[:, 2] - t[:, 1]
     return {
-        "first_start": t[:, 0].min().item(),
-        "last_start": t[:, 0].max().item(),
-        "first_wait": t[:, 1].min().item(),
-        "last_wait": t[:, 1].max().item(),
-        "median_end": t[:, 2].median().item(),
-        "last_end": t[:, 2].max().item(),
-        "median_busy": (t[:, 2] - t[:, 1]).median().item(),
-        "max_busy": (t[:, 2] - t[:, 1]).max().item(),
+        "first_start": (t[:, 0].min().item() - base) / 1e3,
+        "last_start": (t[:, 0].max().item() - base) / 1e3,
+        "first_wait": (t[:, 1].min().item() - base) / 1e3,
+        "last_wait": (t[:, 1].max().item() - base) / 1e3,
+        "median_end": (t[:, 2].median().item() - base) / 1e3,
+        "last_end": (t[:, 2].max().item() - base) / 1e3,
+        "median_busy": busy.median().item() / 1e3,
+        "max_busy": busy.max().item() / 1e3,
         "max_per_sm": int(torch.bincount(rows[:, 3].long()).max().item()),
     }
 
@@ -165,80 +172,60 @@ def trace_point(
     plan = bench.variant_plan(layout, model.num_q_heads, sm_count, variant)
     free, _ = torch.cuda.mem_get_info()
     store = bench.Storage(layout, batch, context, 16, l2, int(free * 0.5))
+    dim = layout.head_dim
     schedule = mod.DecodeSchedule(plan, "cuda")
-    ws = mod.DecodeWorkspace(schedule, batch, 128, "cuda")
+    ws = mod.DecodeWorkspace(schedule, batch, dim, "cuda")
     works = [schedule.layer(batch, layer) for layer in range(len(store.layers))]
     layers_kv = store.layers
     if empty:  # the same launches over zero lengths: the step's fixed cost
         zeros = torch.zeros_like(store.group_lens)
         layers_kv = [dataclasses.replace(kv, group_lens=zeros) for kv in layers_kv]
-    q = torch.randn(batch, model.num_q_heads, 128, device="cuda", dtype=bench.DTYPE)
+    q = torch.randn(batch, model.num_q_heads, dim, device="cuda", dtype=bench.DTYPE)
     out = torch.zeros_like(q)
-    need = 0
-    for w in works:
-        _, merge_d = mod.merge_shape(w.block_s, variant.launch.merge_tile, 1, 128)
-        need += batch * w.num_items + batch * model.num_q_heads * (128 // merge_d)
-    mod.TRACE["buf"] = torch.zeros((need * 4,), device="cuda", dtype=torch.int64)
+
+    launches = mod.TRACE["launches"]
 
     def step() -> None:
-        mod.TRACE["next"] = 0
+        launches.clear()
         for kv, work in zip(layers_kv, works, strict=True):
             mod.decode_attention(
-                q, kv, store.req_rows, 0.088, work, ws, out=out, launch=variant.launch
+                q, kv, store.req_rows, dim**-0.5, work, ws, out=out, launch=variant.launch
             )
 
-    step()
+    mod.TRACE["buf"] = None
+    step()  # eager: compiles, and sizes the trace buffer
     torch.cuda.synchronize()
+    sized = mod.TRACE["buf"]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    used = mod.TRACE["next"]
+    assert mod.TRACE["buf"] is sized, "the trace buffer grew during capture"
     times = bench.time_steps(graph, None, 0.3)
     graph.replay()
     torch.cuda.synchronize()
-    buf = mod.TRACE["buf"][: used * 4].view(-1, 4).cpu()
-    # Walk the launches in order: split then (kernel merge) merge, per layer.
-    layers, at = [], 0
-    merge_kernel = variant.launch.merge == "kernel"
-    for w in works:
-        n = batch * w.num_items
-        split = buf[at : at + n]
-        at += n
-        entry = {"split": layer_summary(split)}
-        if merge_kernel:
-            _, merge_d = mod.merge_shape(w.block_s, variant.launch.merge_tile, 1, 128)
-            m = batch * model.num_q_heads * (128 // merge_d)
-            entry["merge"] = layer_summary(buf[at : at + m])
-            at += m
-        layers.append(entry)
-    assert at == used, (at, used)
-    base = [e["split"]["first_start"] for e in layers]
+    buf = mod.TRACE["buf"].view(-1, 4).cpu()
+    # Per layer: its split launch, then its merge launch (none with the fused merge).
+    layers = []
+    for kernel, first, n in launches:
+        if kernel == "split":
+            layers.append({"rows": {"split": buf[first : first + n]}})
+        else:
+            layers[-1]["rows"][kernel] = buf[first : first + n]
+    base = [e["rows"]["split"][:, 0].min().item() for e in layers]
     rel = []
     for i, e in enumerate(layers):
-        r = {
-            f"split_{k}": (v - base[i]) / 1e3
-            for k, v in e["split"].items()
-            if k not in ("median_busy", "max_busy", "max_per_sm")
-        }
-        r["split_median_busy"] = e["split"]["median_busy"] / 1e3
-        r["split_max_busy"] = e["split"]["max_busy"] / 1e3
-        r["split_max_per_sm"] = e["split"]["max_per_sm"]
-        if "merge" in e:
-            r.update(
-                {
-                    f"merge_{k}": (v - base[i]) / 1e3
-                    for k, v in e["merge"].items()
-                    if k not in ("median_busy", "max_busy", "max_per_sm")
-                }
-            )
+        r = {}
+        for kernel, rows_i in e["rows"].items():
+            r |= {f"{kernel}_{k}": v for k, v in summary(rows_i, base[i]).items()}
         if i + 1 < len(layers):
-            r["next_split_first_start"] = (base[i + 1] - base[i]) / 1e3
-            r["next_split_last_wait"] = (layers[i + 1]["split"]["last_wait"] - base[i]) / 1e3
-            r["next_split_first_wait"] = (layers[i + 1]["split"]["first_wait"] - base[i]) / 1e3
+            nxt = summary(layers[i + 1]["rows"]["split"], base[i])
+            r["next_split_first_start"] = nxt["first_start"]
+            r["next_split_first_wait"] = nxt["first_wait"]
+            r["next_split_last_wait"] = nxt["last_wait"]
         rel.append(r)
-    keys = rel[0].keys()
-    median = {k: round(statistics.median(r[k] for r in rel if k in r), 2) for k in keys}
-    step_us = (layers[-1].get("merge", layers[-1]["split"])["last_end"] - base[0]) / 1e3
+    median = {k: round(statistics.median(r[k] for r in rel if k in r), 2) for k in rel[0]}
+    last = layers[-1]["rows"]
+    step_us = (last.get("merge", last["split"])[:, 2].max().item() - base[0]) / 1e3
     return {
         "point": f"b{batch}/{context}@{kept}" + (" empty" if empty else ""),
         "variant": variant_name,
