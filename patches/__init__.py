@@ -21,6 +21,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 TOUCHPOINTS = (
     "server_args",
+    "request_validation",
     "cpu_paths",
     "memory_pool",
     "allocation",

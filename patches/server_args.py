@@ -75,8 +75,10 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tangram-ratio",
         type=float,
-        help="Target kept ratio in (0, 1]. tangram: moves the profile's mean budget, keeping "
-        "its head ranking; 1.0 keeps every token (default: as calibrated); uniform: required.",
+        help="Share of full KV memory a compressed token holds, in (0, 1], the same in every "
+        "mode. tangram: the profile's group ratios are scaled so that their head-weighted mean "
+        "is this share, keeping the head ranking (default: the profile as calibrated); 1.0 "
+        "keeps every token; uniform: required.",
     )
     group.add_argument(
         "--tangram-method",
@@ -103,6 +105,10 @@ def unsupported(args: Any) -> list[str]:
         found.append(f"speculative decoding (--speculative-algorithm {args.speculative_algorithm})")
     if args.enable_hierarchical_cache:
         found.append("hierarchical cache (--enable-hierarchical-cache)")
+    if args.tp_size > 1:
+        found.append(f"tensor parallelism (--tp-size {args.tp_size}; one GPU per server for now)")
+    if "fp8" in str(args.kv_cache_dtype):
+        found.append(f"FP8 KV (--kv-cache-dtype {args.kv_cache_dtype}; not yet)")
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
     if args.enable_dp_attention:
@@ -179,10 +185,14 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
     _refuse(config, unsupported(server_args) + graph_conflicts(server_args, blocker))
     server_args.override(SOURCE, **config.server_args_fields())
     logger.info(
-        "tangram: --kv-compression %s, %d head group(s) at ratios %s, method %s",
+        "tangram: --kv-compression %s, %d head group(s) at ratios %s holding %.3f of full KV "
+        "per compressed token (the profile as calibrated at base ratio %s holds %.3f), method %s",
         config.mode,
         profile.num_groups,
         [round(r, 4) for r in profile.group_ratios(config.ratio)],
+        config.ratio if config.ratio is not None else profile.held_ratio,
+        profile.calibration.base_ratio,
+        profile.held_ratio,
         config.scorer_method(profile),
     )
     return server_args

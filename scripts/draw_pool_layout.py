@@ -4,7 +4,7 @@ The numbers in the picture (base rows, head tables, request slots) are read from
 `RaggedPool`, so the figure cannot drift from the code. On a CPU-only machine SGLang's
 import needs the test stand-ins:
 
-    PYTHONPATH=tests/cpu_shims .venv/bin/python scripts/draw_pool_layout.py
+    PYTHONPATH=tangram_sglang/cpu/shims .venv/bin/python scripts/draw_pool_layout.py
 """
 
 from __future__ import annotations

@@ -13,29 +13,49 @@ from tangram_sglang.planner import capacity_plan, format_plan
 from tangram_sglang.profile import ModelIdentity, Profile, ProfileError
 from tangram_sglang.synthetic import synthetic_profile
 
-DEFAULT_PROFILE = "tiny-qwen3.ada-snapkv.yaml"
+DEFAULT_PROFILE = "smollm2-135m-instruct.headkv.yaml"
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangram_sglang")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="sessions that fit: full KV vs uniform vs Tangram")
+    fmt = _Defaults
+    plan = sub.add_parser(
+        "plan", help="sessions that fit: full KV vs uniform vs Tangram", formatter_class=fmt
+    )
     plan.add_argument("--profile", help=f"profile YAML (default: shipped {DEFAULT_PROFILE})")
     plan.add_argument("--kv-gib", type=float, default=1.0, help="KV memory budget in GiB")
-    plan.add_argument("--dtype-bytes", type=int, default=2, choices=(1, 2, 4))
-    plan.add_argument("--page-size", type=int, default=1)
-    plan.add_argument("--ratio", type=float, help="serve at this kept ratio (default: calibrated)")
-    plan.add_argument("--context", type=int, default=8192)
-    plan.add_argument("--turns", type=int, default=4)
-    plan.add_argument("--user-tokens", type=int, default=256)
-    plan.add_argument("--answer-tokens", type=int, default=256)
-    synth = sub.add_parser("synthetic", help="synthetic profile for a model's config.json")
+    plan.add_argument(
+        "--dtype-bytes",
+        type=int,
+        default=2,
+        choices=(1, 2, 4),
+        help="bytes per KV element: 2 for bf16/fp16, 1 for fp8, 4 for fp32",
+    )
+    plan.add_argument("--page-size", type=int, default=1, help="tokens per KV page")
+    plan.add_argument(
+        "--ratio", type=float, help="memory share to serve at (default: the profile as calibrated)"
+    )
+    plan.add_argument("--context", type=int, default=8192, help="first prompt tokens per session")
+    plan.add_argument("--turns", type=int, default=4, help="turns per session")
+    plan.add_argument("--user-tokens", type=int, default=256, help="new user tokens per later turn")
+    plan.add_argument("--answer-tokens", type=int, default=256, help="answer tokens per turn")
+    synth = sub.add_parser(
+        "synthetic", help="synthetic profile for a model's config.json", formatter_class=fmt
+    )
     synth.add_argument("--model-path", required=True, help="folder with the model's config.json")
     synth.add_argument("--ratio", type=float, required=True, help="mean kept ratio, (0, 1]")
     synth.add_argument("--out", required=True, help="profile YAML to write")
     synth.add_argument("--groups", type=int, default=4, help="head groups (max)")
     synth.add_argument("--spread", type=float, default=0.6, help="log-normal sigma of ratios")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the ratios")
     return parser
 
 
@@ -74,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_plan(plan, profile, kv_bytes, workload))
+    print(format_plan(plan, profile, kv_bytes, workload, args.dtype_bytes))
     return 0
 
 

@@ -40,15 +40,18 @@ from tangram_sglang.compress import (
     AdaSnapKV,
     DuoAttention,
     ExpectedAttention,
+    HeadKV,
     Scorer,
     SnapKV,
     ada_allocation,
     duo_split,
+    headkv_ratios,
 )
 from tangram_sglang.grouping import build_groups
+from tangram_sglang.methods import CALIBRATED
 from tangram_sglang.profile import Calibration, HeadStats, ModelIdentity, Profile, ProfileError
 
-METHODS = ("snapkv", "ada-snapkv", "expected-attention", "duo")
+METHODS = CALIBRATED
 CAPTURE = "tangram_capture"
 _PARTIAL_VERSION = 1
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -78,6 +81,9 @@ class CalibrationConfig:
     dtype: str = "auto"
     partial: str | None = None
     progress: bool = True
+    held_out: int = 0
+    data_name: str | None = None
+    headkv_share: float = 0.5
 
     @property
     def rule(self) -> BudgetRule:
@@ -95,6 +101,15 @@ class CalibrationConfig:
             raise ValueError(f"--ratio {self.ratio} is outside (0, 1]")
         if self.samples < 2:
             raise ValueError(f"--samples {self.samples}: need at least 2 to estimate a std")
+        if not 0.0 <= self.headkv_share <= 1.0:
+            raise ValueError(f"--headkv-share {self.headkv_share} is outside [0, 1]")
+        if self.method == "headkv" and self.data is None:
+            raise ValueError(
+                '--method headkv needs --data whose samples name their "spans" (the '
+                "statements the question asks about)"
+            )
+        if self.held_out < 0:
+            raise ValueError(f"--held-out {self.held_out} must be >= 0")
         if self.seq_len < 1:
             raise ValueError(f"--seq-len {self.seq_len} must be positive")
         if self.data is None and self.seq_len < 64:
@@ -186,6 +201,7 @@ class KeptMeter:
     method: str
     ratio: float
     rule: BudgetRule
+    headkv_share: float = 0.5
 
     def __post_init__(self) -> None:
         observation = max(1, self.rule.window)
@@ -194,25 +210,33 @@ class KeptMeter:
             "ada-snapkv": AdaSnapKV(window_size=observation),
             "expected-attention": ExpectedAttention(n_sink=self.rule.sink),
             "duo": DuoAttention(observation=observation),
+            "headkv": HeadKV(window_size=observation),
         }[self.method]
 
-    def _layer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    def _layer(self, q, k, v, spans) -> np.ndarray:
         t, heads = k.shape[0], k.shape[1]
         per_head = kept_tokens(t, self.ratio, self.rule)
         if self.method == "snapkv":
             return np.full(heads, per_head, dtype=np.float64)
         if self.method == "duo":
             return self.scorer.head_mass(q, k, self.rule).double().cpu().numpy()
+        if self.method == "headkv":
+            return self.scorer.needle_mass(q, k, spans).double().cpu().numpy()
         scores = self.scorer.score(q, k, v)
         return np.asarray(ada_allocation(scores, heads * per_head, self.rule), dtype=np.float64)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> np.ndarray:
-        """`[L, Hkv]` int kept tokens for one sample of T = len(input_ids) tokens."""
+    def __call__(
+        self, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None
+    ) -> np.ndarray:
+        """`[L, Hkv]` int kept tokens for one sample of T = len(input_ids) tokens (`spans`:
+        the token ranges its question is about, which headkv needs)."""
+        if self.method == "headkv" and not spans:
+            raise ValueError('--method headkv: a sample has no "spans"')
         records: dict[int, np.ndarray] = {}
 
         def hook(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-            records[layer] = self._layer(q, k, v)
+            records[layer] = self._layer(q, k, v, spans)
 
         device = next(self.model.parameters()).device
         with capturing(hook):
@@ -222,6 +246,11 @@ class KeptMeter:
         if self.method == "duo":
             full = duo_split(table, t, self.ratio, self.rule)
             return np.where(full, t, min(t, self.rule.sink + self.rule.window)).astype(np.int64)
+        if self.method == "headkv":
+            ratios = headkv_ratios(table, self.ratio, self.headkv_share)
+            return np.vectorize(lambda r: kept_tokens(t, max(float(r), 1e-9), self.rule))(
+                ratios
+            ).astype(np.int64)
         return table.astype(np.int64)
 
 
@@ -265,7 +294,10 @@ class SampleSource:
 
     @property
     def name(self) -> str:
-        return "synthetic" if self.config.data is None else Path(self.config.data).name
+        """What the profile records as its data: `--data-name`, else the file's name."""
+        if self.config.data is None:
+            return "synthetic"
+        return self.config.data_name or Path(self.config.data).name
 
     def __len__(self) -> int:
         return len(self.lines) if self.config.data is not None else sys.maxsize
@@ -282,6 +314,14 @@ class SampleSource:
                 )
             self._tokenizer = AutoTokenizer.from_pretrained(path)
         return self._tokenizer(text)["input_ids"]
+
+    def spans(self, index: int) -> list[tuple[int, int]] | None:
+        """The sample's "spans" (token ranges its question is about), if it names any."""
+        if self.config.data is None:
+            return None
+        record = json.loads(self.lines[index])
+        spans = record.get("spans") if isinstance(record, dict) else None
+        return [(int(a), int(b)) for a, b in spans] if spans else None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         c = self.config
@@ -451,6 +491,7 @@ def _args_key(config: CalibrationConfig, model: ModelIdentity) -> str:
         "seed": config.seed,
         "data": data_hash,
         "dtype": config.dtype,
+        **({"headkv_share": config.headkv_share} if config.method == "headkv" else {}),
     }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -488,12 +529,12 @@ def measure(
     model = (
         model if model is not None else load_model(config.model_path, config.device, config.dtype)
     )
-    meter = KeptMeter(model, config.method, config.ratio, config.rule)
+    meter = KeptMeter(model, config.method, config.ratio, config.rule, config.headkv_share)
     source = SampleSource(config, int(model.config.vocab_size))
     out = []
     for i in indices:
         ids = source[i]
-        out.append(kept_fraction(meter(ids), ids.numel(), config.rule))
+        out.append(kept_fraction(meter(ids, source.spans(i)), ids.numel(), config.rule))
     return np.stack(out)
 
 
@@ -520,14 +561,17 @@ def calibrate(
         model if model is not None else load_model(config.model_path, config.device, config.dtype)
     )
     source = SampleSource(config, int(model.config.vocab_size))
-    if len(source) < config.samples:
-        raise ValueError(f"--data has {len(source)} samples, fewer than --samples {config.samples}")
+    if len(source) < config.samples + config.held_out:
+        raise ValueError(
+            f"--data has {len(source)} samples, fewer than --samples {config.samples} + "
+            f"--held-out {config.held_out}"
+        )
     key = _args_key(config, identity)
     partial = config.partial_path
     partial.parent.mkdir(parents=True, exist_ok=True)
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     done = _read_partial(partial, key, config.samples)
-    meter = KeptMeter(model, config.method, config.ratio, config.rule)
+    meter = KeptMeter(model, config.method, config.ratio, config.rule, config.headkv_share)
     new = 0
     bar = tqdm(
         total=config.samples,
@@ -543,15 +587,41 @@ def calibrate(
             if sample_limit is not None and new >= sample_limit:
                 return None
             ids = source[i]
-            done[i] = (int(ids.numel()), meter(ids))
+            done[i] = (int(ids.numel()), meter(ids, source.spans(i)))
             f.write(_partial_line(key, i, *done[i]))
             f.flush()
             new += 1
             bar.update(1)
     profile = build_profile(config, identity, done, source.name)
+    if config.held_out:
+        profile.extra.update(held_out_report(profile, meter, source, config))
     profile.save(config.out)
     partial.unlink()
     return profile
+
+
+def held_out_report(
+    profile: Profile, meter: KeptMeter, source: SampleSource, config: CalibrationConfig
+) -> dict[str, float]:
+    """How the profile holds on `held_out` samples it was not calibrated on: the share of
+    (sample, layer, head) whose kept ratio fits its reserved ratio, and the mean Spearman
+    correlation of each sample's head ranking with the calibrated mean ranking."""
+    from tqdm import tqdm
+
+    rows = range(config.samples, config.samples + config.held_out)
+    kept = []
+    for i in tqdm(rows, desc="held out", unit="sample", disable=not config.progress):
+        ids = source[i]
+        kept.append(kept_fraction(meter(ids, source.spans(i)), ids.numel(), config.rule))
+    held = np.stack(kept)
+    layers, heads = profile.model.num_layers, profile.model.num_kv_heads
+    reserved = np.array([h.reserved for h in profile.heads]).reshape(layers, heads)
+    mean = np.array([h.mean for h in profile.heads]).reshape(layers, heads)
+    return {
+        "held_out_samples": config.held_out,
+        "held_out_coverage": round(coverage(reserved, held), 4),
+        "held_out_rank_stability": round(float(np.mean([spearman(x, mean) for x in held])), 4),
+    }
 
 
 def build_profile(
@@ -596,6 +666,12 @@ def parse_args(argv: Sequence[str] | None = None) -> CalibrationConfig:
         default=None,
         help='JSONL of {"text": ...} or {"input_ids": [...]}; default synthetic',
     )
+    p.add_argument(
+        "--data-name",
+        default=None,
+        help="what --data is, with its source and license (stored in the profile; default: "
+        "the file name)",
+    )
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--alpha", type=float, default=2.0)
     p.add_argument("--max-groups", type=int, default=4)
@@ -605,7 +681,19 @@ def parse_args(argv: Sequence[str] | None = None) -> CalibrationConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=tuple(_DTYPES))
+    p.add_argument(
+        "--headkv-share",
+        type=float,
+        default=0.5,
+        help="headkv: share of the budget split by importance (the rest evenly)",
+    )
     p.add_argument("--partial", default=None, help="resume file (default: OUT.partial.jsonl)")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        help="further samples (after --samples) to report coverage and rank stability on",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     args["progress"] = not args.pop("no_progress")
@@ -627,6 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(adjacent {extra['adjacent_waste_pct']}%, one group {extra['no_grouping_waste_pct']}%), "
         f"rank stability {profile.rank_stability:.3f}"
     )
+    if "held_out_coverage" in extra:
+        print(
+            f"held out ({extra['held_out_samples']} samples): reserved-ratio coverage "
+            f"{extra['held_out_coverage']:.4f}, "
+            f"rank stability {extra['held_out_rank_stability']:.3f}"
+        )
     return 0
 
 

@@ -38,6 +38,7 @@ class GroupSplit:
 class CapacityPlan:
     rows: tuple[PlanRow, ...]
     groups: tuple[GroupSplit, ...]
+    held_ratio: float  # memory share per compressed token (uniform's ratio in the rows)
 
 
 def _single_group_row(
@@ -73,7 +74,7 @@ def capacity_plan(
     rule = BudgetRule(sink=c.sink, window=c.window, page_size=page_size)
     layout = PoolLayout.from_profile(profile, target_ratio)
     turns = workload.turn_shapes()
-    ratio = target_ratio if target_ratio is not None else c.base_ratio
+    ratio = target_ratio if target_ratio is not None else profile.held_ratio
     padded = max(layout.ratios)  # one paged pool reserves every head's budget for the largest
 
     demand = session_slots(turns, layout.ratios, rule)
@@ -100,16 +101,22 @@ def capacity_plan(
         ),
         PlanRow("tangram head groups", tangram_bytes, sessions_that_fit(slots, demand)),
     )
-    return CapacityPlan(rows, groups)
+    return CapacityPlan(rows, groups, ratio)
 
 
-def format_plan(plan: CapacityPlan, profile: Profile, kv_bytes: int, workload: Workload) -> str:
+def format_plan(
+    plan: CapacityPlan, profile: Profile, kv_bytes: int, workload: Workload, dtype_bytes: int = 2
+) -> str:
     m = profile.model
     full = plan.rows[0]
     lines = [
         f"model {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} kv heads, head_dim "
         f"{m.head_dim}), method {profile.method}, {profile.num_groups} head groups",
-        f"KV budget {kv_bytes / 2**30:.2f} GiB; session: {workload.context} context tokens, "
+        f"memory share {plan.held_ratio:.3f} of full KV per compressed token (the profile as "
+        f"calibrated at base ratio {profile.calibration.base_ratio} holds "
+        f"{profile.held_ratio:.3f}); uniform compared at the same share",
+        f"KV budget {kv_bytes / 2**30:.2f} GiB at {dtype_bytes} byte(s) per KV element; "
+        f"session: {workload.context} context tokens, "
         f"{workload.turns} turns of {workload.user_tokens} user + {workload.answer_tokens} "
         "answer tokens",
         "",

@@ -10,6 +10,7 @@ when only some hooks took, refused by its own parser), never a silently uncompre
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 SGLANG_VERSION = "0.5.17"
@@ -39,6 +40,26 @@ def register() -> None:
     from tangram_sglang import patches
 
     patches.apply_all()
+    _refusals_in_one_line()
+
+
+def _refusals_in_one_line() -> None:
+    """A refused flag stops the launcher with its one message, not a traceback (the
+    exception still reaches any caller that catches it, as `Engine` users and tests do)."""
+    from tangram_sglang.config import ConfigError
+
+    previous = sys.excepthook
+    if getattr(previous, "tangram", False):
+        return
+
+    def hook(kind, value, traceback) -> None:
+        if isinstance(value, ConfigError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    hook.tangram = True
+    sys.excepthook = hook
 
 
 def _own_version() -> str:

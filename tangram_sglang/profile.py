@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from tangram_sglang.methods import PROFILE
+
 FORMAT = "tangram-profile/1"
-METHODS = ("snapkv", "ada-snapkv", "expected-attention", "duo", "uniform")
+METHODS = PROFILE
 GROUPINGS = ("global", "per-layer")
 
 
@@ -142,18 +144,30 @@ class Profile:
     def num_groups(self) -> int:
         return len(self.groups)
 
-    def group_ratios(self, target_ratio: float | None = None) -> tuple[float, ...]:
-        """Each group's kept ratio when serving at `target_ratio` (default: as calibrated).
+    @property
+    def held_ratio(self) -> float:
+        """The head-weighted mean of the group ratios as calibrated: the share of full KV a
+        long compressed segment holds (more than the base ratio: a head reserves mean +
+        alpha * std, and a group keeps its largest member's ratio)."""
+        weights = [len(g.heads) for g in self.groups]
+        return sum(w * g.ratio for w, g in zip(weights, self.groups, strict=True)) / sum(weights)
 
-        The head-weighted mean budget moves by target / calibrated; budget a group cannot
-        use above 1 goes to the others in proportion to their ratios (`scale_ratios`), so
-        the head ranking (the model property) is kept and a target of 1.0 keeps every token.
+    def group_ratios(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        """Each group's kept ratio when serving at memory share `target_ratio` (default:
+        as calibrated, holding `held_ratio`).
+
+        The profile's shape is scaled so that the head-weighted mean ratio, what the groups
+        hold per compressed token, is the target: `--tangram-ratio R` costs R of full KV's
+        bytes in every mode, so tangram and uniform at one R compare at equal memory.
+        Budget a group cannot use above 1 goes to the others in proportion to their ratios
+        (`scale_ratios`), so the head ranking (the model property) is kept and a target of
+        1.0 keeps every token.
         """
         if target_ratio is None:
             return tuple(g.ratio for g in self.groups)
         check_ratio(target_ratio, "tangram-ratio")
-        factor = target_ratio / self.calibration.base_ratio
         weights = [len(g.heads) for g in self.groups]
+        factor = target_ratio / self.held_ratio
         return scale_ratios([g.ratio for g in self.groups], weights, factor)
 
     def group_of(self) -> list[list[int]]:

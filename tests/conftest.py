@@ -1,11 +1,10 @@
 """Test environment: CPU stand-ins for SGLang's GPU-only imports, in this process and in
-every process a test spawns (servers, schedulers), via tests/cpu_shims on PYTHONPATH."""
+every process a test spawns (servers, schedulers), via tangram_sglang/cpu/shims on PYTHONPATH."""
 
 import os
 import sys
-from pathlib import Path
 
-SHIMS = Path(__file__).parent / "cpu_shims"
+from tangram_sglang.cpu.server import SHIMS
 
 if str(SHIMS) not in sys.path:
     sys.path.insert(0, str(SHIMS))
@@ -22,15 +21,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import sitecustomize  # noqa: E402,F401  (tests/cpu_shims: torchvision stand-in, rotary CPU flag)
+import sitecustomize  # noqa: E402,F401  (cpu/shims: torchvision stand-in, rotary CPU flag)
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """The tiny fp32 Qwen3 with its local tokenizer (the shipped profile's model)."""
-    from server_harness import build_tiny_model_dir
+    from tangram_sglang.models.tiny import build_tiny_chat_model
 
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen3") / "model")
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen3") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +40,11 @@ def profile_file(model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("profile") / "tiny.uniform.yaml"
     uniform_profile(ModelIdentity.from_model_path(model_dir), 0.5).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The reference model's checkpoint (built once per machine by `.ci/setup`)."""
+    from tangram_sglang.models import smollm2
+
+    return smollm2.build()

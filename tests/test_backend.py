@@ -148,3 +148,71 @@ def test_a_forward_without_its_allocation_state_is_refused():
         assert "no matching allocation state" in str(exc)
     else:
         raise AssertionError("a decode of row 2 ran on row 1's allocation state")
+
+
+def flat(profile, ratio: float):
+    """`profile`'s groups with every head and group at one ratio: per-head budgets equal to
+    uniform's, on several group pools."""
+    heads = tuple(dataclasses.replace(h, reserved=ratio) for h in profile.heads)
+    groups = tuple(dataclasses.replace(g, ratio=ratio) for g in profile.groups)
+    return dataclasses.replace(profile, heads=heads, groups=groups)
+
+
+def test_a_flat_profile_stores_and_attends_exactly_as_uniform():
+    """Same budget in every head: several group pools must keep the same tokens per head and
+    compute the same attention as one uniform pool (the pilot's flat-vs-uniform check)."""
+    from tangram_sglang.allocator import TangramAllocator, TangramKVPool
+    from tangram_sglang.layout import PoolLayout
+    from tangram_sglang.pool import RaggedPool
+    from tangram_sglang.profile import ModelIdentity, uniform_profile
+    from tangram_sglang.synthetic import synthetic_profile
+
+    seed = random.randrange(10_000)
+    model = ModelIdentity("test", 2, HQ, HKV, D, "flat")
+    profiles = {
+        "flat": flat(synthetic_profile(model, 0.4, spread=0.8, seed=seed, max_groups=3), 0.3),
+        "uniform": uniform_profile(model, 0.3),
+    }
+    assert profiles["flat"].num_groups > 1, f"seed {seed}: the flat profile has one group"
+    rng = random.Random(seed)
+    lens = [rng.randint(12, 30) for _ in range(3)]
+    outputs, stored = {}, {}
+    for name, profile in profiles.items():
+        layout = PoolLayout.from_profile(profile)
+        pool = RaggedPool(layout, [300] * layout.num_groups, torch.float64, "cpu", 8, 256)
+        allocator = TangramAllocator(400, TangramKVPool(pool, 400), RULE)
+        backend = TangramAttnBackend(fake_runner(allocator, HQ), method="snapkv", kernels="torch")
+        gen = torch.Generator().manual_seed(seed)
+        rows = [1, 2, 3]
+        new = [allocator.alloc(n) for n in lens]
+        allocator.begin_extend(rows, [torch.empty(0, dtype=torch.long)] * 3, new)
+        fb = fake_batch(ForwardMode.EXTEND, rows)
+        backend.init_forward_metadata(fb)
+        outs = []
+        for layer_id in range(pool.num_layers):
+            q, k, v = qkv(sum(lens), gen)
+            flat_args = (x.reshape(len(x), -1) for x in (q, k, v))
+            outs.append(backend.forward_extend(*flat_args, layer(layer_id), fb))
+        allocator.begin_decode(rows, allocator.alloc(len(rows)))
+        fb = fake_batch(ForwardMode.DECODE, rows)
+        backend.init_forward_metadata(fb)
+        for layer_id in range(pool.num_layers):
+            q, k, v = qkv(len(rows), gen)
+            flat_args = (x.reshape(len(x), -1) for x in (q, k, v))
+            outs.append(backend.forward_decode(*flat_args, layer(layer_id), fb))
+        outputs[name] = outs
+        stored[name] = {
+            (layer_id, h, row): pool.k_buffer(g, layer_id)[
+                pool.req_to_slot[g, row, : int(allocator.row_lens[g, row])].long()
+            ][:, pool.heads_in(g, layer_id).index(h)]
+            for layer_id in range(pool.num_layers)
+            for h in range(HKV)
+            for g in [layout.locate(layer_id, h)[0]]
+            for row in rows
+        }
+    for key, keys in stored["uniform"].items():
+        assert torch.equal(stored["flat"][key], keys), f"seed {seed}: (layer, head, row) {key}"
+    for a, b in zip(outputs["flat"], outputs["uniform"], strict=True):
+        # Equal up to rounding: SDPA over a group's heads is not always bitwise SDPA over
+        # all of them (seen at head_dim 4; SmolLM2's shape, head_dim 64, GQA 3, was bitwise).
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

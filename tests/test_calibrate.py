@@ -23,8 +23,8 @@ from tangram_sglang.calibrate import (
     spearman,
     synthetic_sample,
 )
+from tangram_sglang.models.tiny import build_tiny_model
 from tangram_sglang.profile import ModelIdentity, Profile
-from tangram_sglang.tiny import build_tiny_model
 
 SHIPPED = Path(__file__).parents[1] / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
 
@@ -143,6 +143,18 @@ def test_shipped_tiny_profile_belongs_to_the_tiny_model(tiny):
     assert profile.calibration.base_ratio == 0.25
 
 
+@pytest.mark.parametrize("method", ["ada-snapkv", "expected-attention", "headkv"])
+def test_shipped_smollm2_profiles_belong_to_the_reference_model(smollm2_dir, method):
+    """Calibrated on the reference model, 50 samples plus 10 held out, naming their text."""
+    path = Path(__file__).parents[1] / "profiles" / f"smollm2-135m-instruct.{method}.yaml"
+    profile = Profile.load(path)
+    profile.check_model(ModelIdentity.from_model_path(smollm2_dir))
+    assert profile.method == method and profile.calibration.samples == 50
+    assert "Apache-2.0" in profile.calibration.dataset
+    assert profile.extra["held_out_samples"] == 10
+    assert 0 < profile.extra["held_out_coverage"] <= 1
+
+
 def test_capture_sees_post_rope_keys_and_leaves_outputs_unchanged(tiny, model):
     from transformers import AutoModelForCausalLM
 
@@ -236,6 +248,31 @@ def test_calibrate_reads_input_ids_jsonl_and_rejects_text_without_tokenizer(tiny
         calibrate(config(tiny, tmp_path / "t.yaml", samples=2, data=str(text)), model=model)
     with pytest.raises(ValueError, match="fewer than --samples 5"):
         calibrate(config(tiny, tmp_path / "t.yaml", samples=5, data=str(text)), model=model)
+
+
+def test_held_out_samples_report_coverage_and_rank_stability(tiny, model, tmp_path):
+    """--held-out K measures K samples after the calibration ones: the share of (sample,
+    layer, head) within the reserved ratio and each sample's rank correlation, as the
+    formulas on those samples give them; --data-name names the data in the profile."""
+    rng = np.random.default_rng()
+    data = tmp_path / "d.jsonl"
+    rows = [rng.integers(0, 1024, 120).tolist() for _ in range(7)]
+    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    cfg = config(
+        tiny, tmp_path / "h.yaml", samples=4, data=str(data), held_out=3, data_name="ids (CC0)"
+    )
+    profile = calibrate(cfg, model=model)
+    assert profile.calibration.dataset == "ids (CC0)"
+    held = measure(cfg, range(4, 7), model=model)
+    reserved = np.array([h.reserved for h in profile.heads]).reshape(4, 4)
+    mean = np.array([h.mean for h in profile.heads]).reshape(4, 4)
+    assert profile.extra["held_out_samples"] == 3
+    assert profile.extra["held_out_coverage"] == pytest.approx(coverage(reserved, held), abs=1e-4)
+    stability = np.mean([spearman(x, mean) for x in held])
+    assert profile.extra["held_out_rank_stability"] == pytest.approx(stability, abs=1e-4)
+    assert Profile.load(cfg.out).extra == profile.extra
+    with pytest.raises(ValueError, match="fewer than --samples 4 \\+ --held-out 4"):
+        calibrate(dataclasses.replace(cfg, held_out=4), model=model)
 
 
 def test_bad_arguments_get_clear_errors(tiny, tmp_path, capsys):

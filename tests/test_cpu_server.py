@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 import requests
-from server_harness import ROOT, Launch, failed_start, running_servers
 
-from tangram_sglang.tiny_tokenizer import SPECIAL_TOKENS, corpus
+from tangram_sglang.cpu.server import Launch, failed_start, running_servers
+from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS, corpus
 
 pytestmark = pytest.mark.server
 
 VOCAB = 1024
 NEW_TOKENS = 12
-SHIPPED_PROFILE = ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
+SHIPPED_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
 # The ragged pools keep one request table per head group ([groups, rows, largest group]):
 # few request rows keep it small.
 COMPRESSED = ("--max-running-requests", "16")
@@ -85,16 +86,21 @@ def _flush(server) -> None:
     assert response.ok, f"/flush_cache -> {response.status_code}: {response.text[:300]}"
 
 
-def _never_fits(server, prompt: list[int], slots: list[int]) -> tuple[int, str]:
-    """A request whose decode budget alone exceeds every head group's capacity (yet within
-    the model's context): status and body of the server's answer."""
-    params = {"temperature": 0.0, "max_new_tokens": max(slots) + 1, "ignore_eos": True}
+def _post_ids(server, prompt: list[int], **params) -> tuple[int, str]:
+    """Status and body of a greedy `/generate` of `prompt` (4 new tokens unless `params`)."""
+    params = {"temperature": 0.0, "max_new_tokens": 4, **params}
     response = requests.post(
         f"{server.url}/generate",
         json={"input_ids": prompt, "sampling_params": params},
         timeout=120,
     )
     return response.status_code, response.text
+
+
+def _never_fits(server, prompt: list[int], slots: list[int]) -> tuple[int, str]:
+    """A request whose decode budget alone exceeds every head group's capacity (yet within
+    the model's context)."""
+    return _post_ids(server, prompt, max_new_tokens=max(slots) + 1, ignore_eos=True)
 
 
 def _frontend_program(server) -> list[tuple[str, int]]:
@@ -137,6 +143,9 @@ def _conversation(server, seed: int) -> dict:
     shared = server.generate(history[:SYSTEM] + own, NEW_TOKENS)
     frontend = _frontend_program(server)
     refused = _never_fits(server, ids(8), start["slots"])
+    bad_ids = [
+        _post_ids(server, [*ids(5), token, *ids(3)]) for token in (10**6 + rng.randrange(99), -1)
+    ]
     served = server.generate(ids(8), NEW_TOKENS)["output_ids"]
     held = _pool(server)
     _flush(server)
@@ -146,6 +155,7 @@ def _conversation(server, seed: int) -> dict:
         "shared": (shared["meta_info"]["cached_tokens"], len(shared["output_ids"])),
         "frontend": frontend,
         "refused": refused,
+        "bad_ids": bad_ids,
         "served": served,
         "held": held,
         "flushed": _pool(server),
@@ -272,8 +282,9 @@ def test_chat_completion_uses_local_tokenizer(transcripts):
             "(--speculative-algorithm EAGLE)",
         ),
         (["--tangram-ratio", "1.5"], "--tangram-ratio 1.5 is outside (0, 1]"),
+        (["--tp-size", "2"], "tensor parallelism (--tp-size 2; one GPU per server for now)"),
     ],
-    ids=["speculative-decoding", "ratio-1.5"],
+    ids=["speculative-decoding", "ratio-1.5", "tensor-parallel"],
 )
 def test_bad_flag_combination_is_refused_at_startup(
     model_dir, profile_file, tmp_path, flags, message
@@ -283,6 +294,8 @@ def test_bad_flag_combination_is_refused_at_startup(
     assert code != 0, f"server exited with 0 for {flags}:\n{log[-2000:]}"
     assert message in log, f"refusal message {message!r} not in the log:\n{log[-2000:]}"
     assert "Load weight begin" not in log, f"server loaded the model before refusing {flags}"
+    assert "Traceback" not in log, f"a traceback instead of one line:\n{log[-2000:]}"
+    assert any(line.startswith("error: ") and message in line for line in log.splitlines())
 
 
 def test_a_request_that_can_never_fit_is_refused_and_the_server_keeps_serving(transcripts):
@@ -293,6 +306,17 @@ def test_a_request_that_can_never_fit_is_refused_and_the_server_keeps_serving(tr
     )
     assert len(conversation["served"]) == NEW_TOKENS, (
         f"seed {seed}: after the refusal the server answered {conversation['served']}"
+    )
+
+
+def test_a_token_id_outside_the_vocabulary_gets_a_400_and_the_server_keeps_serving(transcripts):
+    seed, _, _, _, _, conversation = transcripts
+    for status, body in conversation["bad_ids"]:
+        assert status == 400 and "outside the vocabulary [0, " in body, (
+            f"seed {seed}: a request with an out-of-vocabulary id got {status}: {body[:500]}"
+        )
+    assert len(conversation["served"]) == NEW_TOKENS, (
+        f"seed {seed}: after the refusals the server answered {conversation['served']}"
     )
 
 

@@ -59,10 +59,12 @@ def test_full_ratio_profile_plans_like_full_kv():
 
 def test_plan_command_prints_the_table(tmp_path, capsys):
     path = tmp_path / "p.yaml"
-    synthetic_profile(MODEL, 0.25).save(path)
+    profile = synthetic_profile(MODEL, 0.25)
+    profile.save(path)
     assert main(["plan", "--profile", str(path), "--kv-gib", "2"]) == 0
     out = capsys.readouterr().out
-    for needle in ("full KV", "uniform 25%", "tangram head groups", "slots/session"):
+    uniform = f"uniform {profile.held_ratio:.0%}"  # at the profile's memory share
+    for needle in ("full KV", uniform, "tangram head groups", "slots/session"):
         assert needle in out
 
 

@@ -48,8 +48,9 @@ def test_entry_point_is_in_the_installed_metadata():
 
 def test_stock_server_whitelist_leaves_our_plugin_out(monkeypatch):
     """The e2e stock server relies on SGLang's SGLANG_PLUGINS whitelist skipping us."""
-    from server_harness import NO_PLUGINS
     from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    from tangram_sglang.cpu.server import NO_PLUGINS
 
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     assert "tangram" in load_plugins_by_group(GENERAL_PLUGINS_GROUP)

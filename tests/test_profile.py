@@ -56,22 +56,23 @@ def test_group_tables_cover_every_head_once(profile, model):
     assert sum(map(sum, counts)) == model.num_layers * model.num_kv_heads
 
 
-def test_group_ratios_move_the_mean_budget_and_keep_the_ranking(profile):
+def test_tangram_ratio_is_the_memory_share_the_groups_hold(profile):
+    """--tangram-ratio R: the head-weighted mean group ratio is R (equal memory with uniform
+    at R), the ranking is kept, and 1.0 keeps every token."""
     base = profile.group_ratios()
     weights = [len(g.heads) for g in profile.groups]
 
     def mean(ratios):
         return sum(w * r for w, r in zip(weights, ratios, strict=True)) / sum(weights)
 
-    for factor in (0.5, 1.5, 2.0, 3.0):
-        target = profile.calibration.base_ratio * factor
-        if target > 1.0:
-            continue
+    assert profile.held_ratio == pytest.approx(mean(base))
+    for target in (0.05, 0.1, 0.25, 0.5, 0.9):
         scaled = profile.group_ratios(target)
-        assert mean(scaled) == pytest.approx(min(1.0, factor * mean(base))), (factor, scaled)
+        assert mean(scaled) == pytest.approx(target), (target, scaled)
         order = sorted(range(len(base)), key=lambda g: base[g])
         assert [scaled[g] for g in order] == sorted(scaled), f"ranking changed: {base} -> {scaled}"
         assert all(0.0 < r <= 1.0 for r in scaled)
+    assert profile.group_ratios(profile.held_ratio) == pytest.approx(base)
     assert profile.group_ratios(1.0) == (1.0,) * len(base), "ratio 1.0 must keep every token"
     with pytest.raises(ProfileError, match="tangram-ratio"):
         profile.group_ratios(1.5)

@@ -162,6 +162,16 @@ BAD_INPUTS = [
     ),
     ("pipeline", ["--pp-size", "2"], "does not support: pipeline parallelism (--pp-size 2)"),
     (
+        "tensor-parallel",
+        ["--tp-size", "2"],
+        "does not support: tensor parallelism (--tp-size 2; one GPU per server for now)",
+    ),
+    (
+        "fp8-kv",
+        ["--kv-cache-dtype", "fp8_e4m3"],
+        "does not support: FP8 KV (--kv-cache-dtype fp8_e4m3; not yet)",
+    ),
+    (
         "dp-attention",
         ["--enable-dp-attention"],
         "does not support: data-parallel attention (--enable-dp-attention)",

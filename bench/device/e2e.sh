@@ -44,7 +44,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 eval "$(bash bench/device/link_source.sh)"
 if [ "$DEVICE" = cpu ]; then
-  export PYTHONPATH="$REPO/tests/cpu_shims:$PYTHONPATH"
+  export PYTHONPATH="$REPO/tangram_sglang/cpu/shims:$PYTHONPATH"
   unset SGLANG_USE_CPU_ENGINE
 fi
 # A neutral folder: the repository root would put its own kernels/ on sys.path.

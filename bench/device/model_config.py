@@ -78,7 +78,13 @@ def main() -> None:
     config = model_config(args.shape, args.vocab, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tokenizer:
-        from tangram_sglang.tiny_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, save_tokenizer
+        from tangram_sglang.models.tiny_tokenizer import (
+            BOS,
+            EOS,
+            PAD,
+            SPECIAL_TOKENS,
+            save_tokenizer,
+        )
 
         save_tokenizer(args.out, vocab_size=config["vocab_size"])
         # Its special tokens, so generation stops at the end of an assistant turn.

@@ -1,10 +1,17 @@
-"""The real SGLang server as a subprocess on this CPU machine, for end-to-end tests.
+"""The real SGLang server on a CPU machine: one command for users, a harness for tests.
 
-`running_servers(...)` starts `python -m sglang.launch_server` processes on 127.0.0.1 with
-free ports, all at once (start-up is mostly imports, ~30-40 s, and overlaps well), waits
+    python -m tangram_sglang.cpu.server --model-path DIR [any launch_server flag ...]
+
+runs `python -m sglang.launch_server` with the CPU stand-ins (`shims/`) on PYTHONPATH and
+the CPU defaults (`CPU_ARGS`; a flag given on the command line wins), because SGLang 0.5.17
+does not start on a machine without CUDA otherwise (it imports torchvision, which has no
+CPU build for this torch, and vLLM ops on an unknown platform).
+
+For tests and benchmarks, `running_servers(...)` starts such servers on 127.0.0.1 with free
+ports, all at once (start-up is mostly imports, ~30-40 s, and overlaps well), waits
 for `/health_generate`, and stops them (SIGTERM, then any leftover child by PID).
 `failed_start(...)` starts one expecting a refusal and returns the exit code and the log.
-The CPU stand-ins in tests/cpu_shims reach every process SGLang spawns through PYTHONPATH.
+The CPU stand-ins reach every process SGLang spawns through PYTHONPATH.
 Our plugin is an installed entry point, so a stock server is started with SGLANG_PLUGINS
 (SGLang's own whitelist) naming no plugin of ours.
 """
@@ -26,26 +33,16 @@ from typing import Any
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIMS = ROOT / "tests" / "cpu_shims"
+SHIMS = Path(__file__).resolve().parent / "shims"
 CPU_ARGS = (
     "--device", "cpu",
     "--mem-fraction-static", "0.3",
     "--max-total-tokens", "8192",
     "--random-seed", "0",
     "--dtype", "float32",  # "auto" serves an fp32 checkpoint in fp16
+    "--sleep-on-idle",  # an idle scheduler otherwise spins a core polling its sockets
 )  # fmt: skip
 NO_PLUGINS = "none-stock-sglang"  # an SGLANG_PLUGINS whitelist that matches no plugin
-
-
-def build_tiny_model_dir(out_dir: Path, seed: int = 0) -> Path:
-    """The tiny fp32 Qwen3 (exact greedy comparisons need fp32) with its tokenizer."""
-    from tangram_sglang.tiny import build_tiny_model
-    from tangram_sglang.tiny_tokenizer import save_tokenizer
-
-    path = build_tiny_model(out_dir, arch="qwen3", dtype="float32", seed=seed)
-    save_tokenizer(path)
-    return path
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ def start(model_dir: Path, log_path: Path, launch: Launch) -> Server:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=server_env(launch.plugins), stdout=log, stderr=subprocess.STDOUT
+            cmd, env=server_env(launch.plugins), stdout=log, stderr=subprocess.STDOUT
         )
     return Server(proc, f"http://127.0.0.1:{port}", log_path)
 
@@ -153,7 +150,9 @@ def running_servers(
 ) -> Iterator[dict[str, Server]]:
     """Healthy servers by name (logs at `log_dir/NAME.log`) for the `with` block.
 
-    A server that exits or stays unhealthy past `timeout` raises with its log tail.
+    A server that exits or stays unhealthy past `timeout` raises with its log tail. One
+    whose free port was taken before it bound it (by another server's internal ports) is
+    started again on another port.
     """
     servers: dict[str, Server] = {}
     try:
@@ -161,8 +160,16 @@ def running_servers(
             servers[name] = start(model_dir, log_dir / f"{name}.log", launch)
         deadline = time.monotonic() + timeout
         waiting = dict(servers)
+        restarts = 0
         while waiting:
             for name, server in list(waiting.items()):
+                if restarts < 3 and "address already in use" in server.log():
+                    stop([server])
+                    restarts += 1
+                    servers[name] = waiting[name] = start(
+                        model_dir, log_dir / f"{name}.log", launches[name]
+                    )
+                    continue
                 if server.proc.poll() is not None:
                     raise RuntimeError(
                         f"server {name} exited with {server.proc.returncode} during start-up "
@@ -211,3 +218,26 @@ def failed_start(
     finally:
         stop([server])
     return server.proc.returncode, server.log()
+
+
+def launch_command(args: Sequence[str]) -> list[str]:
+    """`sglang.launch_server` with the CPU defaults before `args` (argparse keeps the last
+    of a repeated flag, so the user's win) and torch_native attention unless `args` pick a
+    backend or `--kv-compression` (which picks ours)."""
+    chosen = any(a.split("=")[0] in ("--attention-backend", "--kv-compression") for a in args)
+    attention = () if chosen else ("--attention-backend", "torch_native")
+    return [sys.executable, "-m", "sglang.launch_server", *CPU_ARGS, *attention, *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") and len(args) == 1:
+        print(__doc__.strip())
+        print(f"\nCPU defaults: {' '.join(CPU_ARGS)} --attention-backend torch_native")
+        return
+    cmd = launch_command(args)
+    os.execvpe(cmd[0], cmd, server_env(plugins=True))
+
+
+if __name__ == "__main__":
+    main()

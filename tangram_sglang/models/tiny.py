@@ -1,6 +1,6 @@
 """Tiny random Hugging Face causal LMs, built locally, for tests and the shipped tiny profile.
 
-`python -m tangram_sglang.tiny --out DIR [--arch qwen3|llama] [--seed 0]` writes
+`python -m tangram_sglang.models.tiny --out DIR [--arch qwen3|llama] [--seed 0]` writes
 `config.json` and `model.safetensors`; the same arguments give the same bytes.
 """
 
@@ -106,8 +106,20 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_chat_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """The tiny fp32 Qwen3 (exact greedy comparisons need fp32) with its local tokenizer:
+    the shipped tiny profile's model, which the server tests serve."""
+    from tangram_sglang.models.tiny_tokenizer import save_tokenizer
+
+    path = build_tiny_model(out_dir, arch="qwen3", dtype="float32", seed=seed)
+    save_tokenizer(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tangram_sglang.tiny", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tangram_sglang.models.tiny", description=__doc__
+    )
     parser.add_argument("--out", required=True, help="directory to write the model into")
     parser.add_argument("--arch", choices=ARCHS, default="qwen3")
     parser.add_argument("--num-layers", type=int, default=4)
