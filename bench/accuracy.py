@@ -107,7 +107,7 @@ def run_reference_all(args, model_dir, profile, settings, samples):
     return results
 
 
-def run_server_all(args, model_dir, profile, settings, samples):
+def run_server_all(args, model_dir, settings, samples):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
     if server_samples:
         start = time.perf_counter()
         main_settings = [s for s in settings if not s.tag]
-        server = run_server_all(args, model_dir, profile, main_settings, server_samples)
+        server = run_server_all(args, model_dir, main_settings, server_samples)
         took["server"] = time.perf_counter() - start
     ref_table = accuracy_table(reference)
     server_table = accuracy_table(server)
