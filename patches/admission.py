@@ -167,7 +167,8 @@ def bind_reservations(result: Any, req_to_token_pool: Any, reqs: Any, *args: Any
 
 def refuse_never_fitting(original: Any, self: Any, req: Any) -> Any:
     result = original(self, req)
-    allocator = self.token_to_kv_pool_allocator
+    # A Scheduler built another way (SGLang's own tests) may have no allocator: stock.
+    allocator = getattr(self, "token_to_kv_pool_allocator", None)
     if isinstance(allocator, TangramAllocator) and req.to_finish is None:
         chunk_size = getattr(self, "chunked_prefill_size", None)
         reason = never_fits(len(req.origin_input_ids), decode_budget(req), allocator, chunk_size)
