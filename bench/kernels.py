@@ -61,9 +61,9 @@ from tangram_sglang.kernels.decode import (
     decode_attention,
 )
 
+from tangram_sglang.aot_plan import DEFAULT_MAX_SPLITS, AotPlan
 from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.plan import DEFAULT_MAX_SPLITS, AotPlan
 from tangram_sglang.profile import Calibration, ModelIdentity, Profile, uniform_profile
 from tangram_sglang.ragged_kv import RaggedKV
 from tangram_sglang.synthetic import profile_from_table

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 
-from tangram_sglang.plan import AotPlan
+from tangram_sglang.aot_plan import AotPlan
 from tangram_sglang.ragged_kv import RaggedKV
 
 try:

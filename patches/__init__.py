@@ -30,6 +30,7 @@ TOUCHPOINTS = (
     "radix_cache",
     "attention_backend",
     "invariants",
+    "metrics",
     "server_info",
 )
 

@@ -1,8 +1,8 @@
 """Touchpoint: the scheduler's idle leak check (`SchedulerInvariantChecker._check_all_pools`).
 
 SGLang checks available + evictable + protected == max_total_num_tokens in raw tokens.
-Under --kv-compression `available_size()` is the scarcest group's free count (what
-admission may promise), so the check runs on the logical space instead, and per group:
+Under --kv-compression that is the logical space (`available_size()` counts logical
+slots), and the group slots behind it are checked per group:
 free + slots mapped from logical slots == capacity, no slot mapped twice or both mapped
 and free. With nothing running, no group slot may stay reserved (Budget Reservation
 released every finished, aborted or retracted request), and the radix tree's incremental
@@ -29,7 +29,7 @@ def check_all_pools(original: Any, self: Any, ps: Any, uncached: int = 0) -> Any
     allocator = self.token_to_kv_pool_allocator
     if not isinstance(allocator, TangramAllocator):
         return original(self, ps, uncached)
-    available = allocator.logical_available_size()
+    available = allocator.available_size()
     evictable = self.tree_cache.evictable_size()
     protected = self.tree_cache.protected_size()
     session = self.pool_stats_observer.session_held_tokens()
@@ -48,9 +48,9 @@ def pool_leaks(allocator: TangramAllocator, tree_cache: Any) -> list[str]:
     """`allocator.leaks()`, skipped while nothing changed since a clean walk: free counts
     per group and of the logical space, reservations and the tree's sizes did not move."""
     signature = (
-        allocator.logical_available_size(),
+        allocator.available_size(),
         allocator.pool.free_slots(),
-        tuple(int(r) for r in allocator.reserved()),
+        allocator.budget.reserved(),
         tree_cache.evictable_size(),
         tree_cache.protected_size(),
     )
@@ -67,11 +67,12 @@ def pool_leaks(allocator: TangramAllocator, tree_cache: Any) -> list[str]:
 def idle_problems(allocator: TangramAllocator, tree_cache: Any) -> list[str]:
     """What must hold once nothing runs, beyond the pools' own accounting (one line each)."""
     problems = []
-    reserved = allocator.reserved()
+    budget = allocator.budget
+    reserved = budget.reserved()
     if any(reserved):
-        rows = int((allocator.row_reserved.sum(0) > 0).sum())
+        rows = int((budget.row_reserved.sum(0) > 0).sum())
         problems.append(
-            f"[tangram] {rows} request row(s) and {len(allocator.pending)} unbound "
+            f"[tangram] {rows} request row(s) and {len(budget.pending)} unbound "
             f"request(s) reserve {list(reserved)} group slots (none may once idle)"
         )
     if isinstance(tree_cache, TangramRadixCache) and not tree_cache.disable:

@@ -13,8 +13,8 @@ import msgspec
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
+from tangram_sglang.capacity import serving_sessions
 from tangram_sglang.config import ConfigError, TangramConfig
-from tangram_sglang.planner import serving_sessions
 
 from . import Hook
 

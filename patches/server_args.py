@@ -8,6 +8,7 @@ ours and an AROUND hook on `from_cli_args` checks them. The flags are stored wit
 the instance read-only. Scheduler and detokenizer processes receive the instance pickled
 (multiprocessing spawn), extra attributes included, so they need no environment variable.
 Without `--kv-compression` (or with `none`) SGLang's own objects pass through unchanged.
+With it, the radix overrides' self-test (`tangram_sglang.radix.self_test`) runs first.
 
 Forced with `--kv-compression` (each logged): overlap scheduling off (the allocation hooks
 hand the forward they precede its slots); prefill CUDA graphs off (see `FORCED`); decode
@@ -35,6 +36,7 @@ from tangram_sglang.config import (
     model_conflicts,
     read_hf_config,
 )
+from tangram_sglang.radix import self_test as radix_self_test
 
 from . import Hook, verify
 
@@ -162,6 +164,12 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         return original(cls, args)
     model_dir = _model_dir(args.model_path, getattr(args, "revision", None))
     _refuse(config, unsupported(args) + model_conflicts(read_hf_config(model_dir)))
+    broken = radix_self_test()
+    if broken:
+        raise ConfigError(
+            f"--kv-compression {config.mode}: the tangram radix cache does not fit this SGLang: "
+            + "; ".join(broken)
+        )
     profile = config.validate(model_dir)
     if config.profile:  # every process must find it, whatever its working directory
         config = replace(config, profile=str(Path(config.profile).resolve()))

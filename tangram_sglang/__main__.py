@@ -9,7 +9,7 @@ import sys
 from importlib.resources import files
 
 from tangram_sglang.budget import Workload
-from tangram_sglang.planner import capacity_plan, format_plan
+from tangram_sglang.capacity import capacity_plan, format_plan
 from tangram_sglang.profile import ModelIdentity, Profile, ProfileError
 from tangram_sglang.synthetic import synthetic_profile
 

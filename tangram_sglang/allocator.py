@@ -25,15 +25,9 @@ slots: `free(logical)` frees them in every group (SWA's `free_swa` pattern), and
 request row only points at them. `seg_pos` marks where each segment starts (the radix
 cache inserts a request's values only where its own segment starts).
 
-Budget Reservation (invariant "reserved == used"): admission (`tangram_sglang.admission`)
-reserves each request's exact per-group need under its request id (`reserve`); once SGLang
-gives the request its row the reservation moves to the row (`bind_reservation`);
-`begin_extend` / `begin_decode` consume it by what they allocate, and `release_row` drops
-what is left. A chunked prefill's next chunk `settle`s the row's reservation to what its
-remaining chunks and decode budget need (equal to what is held when SGLang cuts the chunks
-as admission planned). `reserved()` is what admission must keep free or evictable in every
-group; an allocation beyond a row's reservation is counted in `overdrawn` (never, when
-admission is right).
+Budget Reservation (`tangram_sglang.reservation`) is the ledger `budget`: an extend
+consumes the kept slots its row reserved; a decode step draws one slot per group from what
+no reservation holds (`make_decode_room` evicts the per-group shortfall first).
 
 `TangramKVPool` is the `KVCache` SGLang holds; it carries the per-forward state the
 allocation hooks write and the `tangram` attention backend reads (overlap scheduling is
@@ -62,6 +56,7 @@ from tangram_sglang.budget import (
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import PoolExhausted, RaggedPool
 from tangram_sglang.profile import Profile
+from tangram_sglang.reservation import BudgetReservation
 
 logger = logging.getLogger(__name__)
 
@@ -169,18 +164,15 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.logical_to_group = torch.zeros((G, size + 1), dtype=torch.int64, device=device)
         self.seg_pos = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
-        self.row_reserved = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
-        self.pending: dict[str, list[int]] = {}  # reservations of requests without a row
-        self.overdrawn = torch.zeros(G, dtype=torch.int64)  # allocated beyond reservations
+        self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
         self.clear()
 
     # ---- SGLang's allocator interface (logical slots) --------------------------------
 
     def available_size(self) -> int:
-        """Raw tokens that surely fit: every raw token costs at most one slot per group."""
-        return min(self.logical.available_size(), *self.pool.free_slots())
-
-    def logical_available_size(self) -> int:
+        """Free logical slots. SGLang evicts `need - available_size()` raw tokens before
+        an allocation; the group slots behind them are checked per group afterwards
+        (`begin_extend`, `make_decode_room`), which evict only each group's shortfall."""
         return self.logical.available_size()
 
     def alloc(self, need_size: int) -> torch.Tensor | None:
@@ -208,9 +200,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.logical_to_group.zero_()
         self.seg_pos.zero_()
         self.row_lens.zero_()
-        self.row_reserved.zero_()
-        self.pending.clear()
-        self.overdrawn.zero_()
+        self.budget.clear()
         self.is_not_in_free_group = True
         self.free_group = []
         self.get_kvcache().forward_state = None
@@ -300,7 +290,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self._store_lens(
             torch.tensor([row]), torch.zeros((self.pool.num_groups, 1), dtype=torch.int64)
         )
-        self.row_reserved[:, row] = 0
+        self.budget.release(row)
 
     def row_slots(self, row: int) -> list[torch.Tensor]:
         return [
@@ -308,83 +298,21 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             for g in range(self.pool.num_groups)
         ]
 
-    # ---- Budget Reservation ------------------------------------------------------------
-
-    def reserve(self, key: str, slots: Sequence[int]) -> None:
-        """Hold `slots[g]` group slots of every group for request `key` (admission)."""
-        if len(slots) != self.pool.num_groups or min(slots) < 0:
-            raise ValueError(
-                f"reserve {key!r}: slots {list(slots)} must be {self.pool.num_groups} counts >= 0"
-            )
-        held = self.pending.setdefault(key, [0] * self.pool.num_groups)
-        for g, n in enumerate(slots):
-            held[g] += int(n)
-
-    def bind_reservation(self, key: str, row: int) -> None:
-        """Request `key` got request row `row`: its pending reservation moves there."""
-        held = self.pending.pop(key, None)
-        if held is not None:
-            self.row_reserved[:, row] += torch.tensor(held, dtype=torch.int64)
-
-    def settle(self, key: str, row: int | None, slots: Sequence[int]) -> tuple[int, ...]:
-        """Request `key` (on `row`, None before it has one) still needs exactly `slots[g]`:
-        its reservation becomes that. Returns the change per group (zeros when what it held
-        was what it needs)."""
-        target = torch.tensor([int(n) for n in slots], dtype=torch.int64)
-        held = torch.tensor(self.pending.pop(key, [0] * self.pool.num_groups))
-        if row is None:
-            self.pending[key] = target.tolist()
-        else:
-            held += self.row_reserved[:, row]
-            self.row_reserved[:, row] = target
-        return tuple(int(x) for x in (target - held).tolist())
-
-    def drop_pending(self, key: str) -> None:
-        """Forget the reservation of a request that never got a row."""
-        self.pending.pop(key, None)
-
-    def reserved(self) -> tuple[int, ...]:
-        """Per group, slots reserved and not yet allocated (rows plus pending requests)."""
-        total = self.row_reserved.sum(1)
-        for held in self.pending.values():
-            total = total + torch.tensor(held, dtype=torch.int64)
-        return tuple(int(x) for x in total.tolist())
-
-    def room(self, evictable: Sequence[int]) -> tuple[int, ...]:
-        """Per group, slots admission may still promise: free + `evictable` - reserved."""
-        free = self.pool.free_slots()
-        return tuple(f + e - r for f, e, r in zip(free, evictable, self.reserved(), strict=True))
-
-    def _consume(self, row: int, used: Sequence[int]) -> None:
-        """Allocation for `row` used `used[g]` slots: take them from its reservation."""
-        self._take(torch.tensor([row]), torch.tensor(list(used), dtype=torch.int64)[:, None])
-
-    def _take(self, rows: torch.Tensor, used: torch.Tensor) -> None:
-        """Take `used` `[G, len(rows)]` slots from the rows' reservations; what exceeds them
-        is counted in `overdrawn` (admission under-reserved) and logged."""
-        left = self.row_reserved[:, rows] - used
-        over = (-left).clamp(min=0).sum(1)
-        if over.any():
-            self.overdrawn += over
-            logger.warning(
-                "tangram: rows %s allocated %s group slots beyond their reservations",
-                rows.tolist(),
-                over.tolist(),
-            )
-        self.row_reserved[:, rows] = left.clamp(min=0)
-
     # ---- allocation for a forward ----------------------------------------------------
 
     def _ensure_free(self, needs: Sequence[int], evict: Evict | None, what: str) -> None:
-        """Evict from the tree until every group has `needs[g]` free slots, else raise."""
+        """Evict from the tree until every group has `needs[g]` free slots, else raise. A
+        round may free only logical slots that own no group slot (the front of a compressed
+        segment): eviction goes on while it frees anything."""
         while True:
             free = self.pool.free_slots()
             shortfall = max(n - f for n, f in zip(needs, free, strict=True))
             if shortfall <= 0:
                 return
             if evict is not None:
+                logical = self.logical.available_size()
                 evict(shortfall)
-                if self.pool.free_slots() != free:
+                if self.logical.available_size() != logical:
                     continue
             short = [g for g, (n, f) in enumerate(zip(needs, free, strict=True)) if n > f]
             detail = "; ".join(
@@ -396,10 +324,13 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                 "lower the load or raise --max-total-tokens / --mem-fraction-static"
             )
 
-    def make_room(self, needs: Sequence[int], evict: Evict | None) -> bool:
-        """Evict until every group has `needs[g]` free slots; False if it cannot."""
+    def make_decode_room(self, rows: int, evict: Evict | None) -> bool:
+        """Evict until `rows` requests can each decode one token in every group without
+        touching a prompt reservation; False if the tree cannot free enough (SGLang then
+        retracts)."""
+        reserved = self.budget.reserved()
         try:
-            self._ensure_free(needs, evict, "decode")
+            self._ensure_free([rows + r for r in reserved], evict, "decode")
         except PoolExhausted:
             return False
         return True
@@ -432,7 +363,6 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             self._set_row(
                 int(row), [torch.cat((p, s)) for p, s in zip(prefix_slots, slots, strict=True)]
             )
-            self._consume(int(row), k)
             segments.append(
                 ExtendSegment(
                     row=int(row),
@@ -443,6 +373,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                     logical=logical,
                 )
             )
+        used = torch.tensor(kept, dtype=torch.int64).reshape(len(kept), self.pool.num_groups).T
+        self.budget.consume([int(r) for r in rows], used)
         state = ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))
         self.get_kvcache().forward_state = state
         return state
@@ -472,7 +404,6 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             device=self.pool.device, dtype=torch.int32
         )
         self._store_lens(host_rows, lens + 1)
-        self._take(host_rows, torch.ones((G, len(rows)), dtype=torch.int64))
         state = ForwardState("decode", tuple(rows), decode_slots=slots)
         self.get_kvcache().forward_state = state
         return state
@@ -487,9 +418,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "logical_free": self.logical.available_size(),
             "sink": self.rule.sink,
             "window": self.rule.window,
-            "reserved": list(self.reserved()),
-            "reserved_requests": int((self.row_reserved.sum(0) > 0).sum()) + len(self.pending),
-            "overdrawn": self.overdrawn.tolist(),
+            **self.budget.describe(),
         }
 
     def mapped_counts(self) -> tuple[int, ...]:
@@ -541,8 +470,8 @@ def build_tangram_pools(
     in every group, so a split by the group ratios alone would starve the most compressed
     group first in a chat. The logical space holds as many raw tokens as the most
     compressed group could represent (full tokens / smallest ratio, at most `LOGICAL_CAP`
-    times full), since admission counts raw tokens against `available_size` (the scarcest
-    group).
+    times full), so SGLang's raw-token gates, which count logical slots, are never
+    tighter than the per-group ones.
     `req_to_slot` is `[G, max_requests + 1, width]` with width the smaller of
     `max_context` and the largest group: a row holds distinct slots of its group, so it
     never holds more than the group has (SGLang's context length is often far longer).

@@ -59,9 +59,9 @@ from sglang.srt.layers.radix_attention import AttentionType
 from torch.nn.functional import scaled_dot_product_attention
 
 from tangram_sglang.allocator import ExtendSegment, ForwardState, TangramAllocator, TangramKVPool
+from tangram_sglang.aot_plan import AotPlan
 from tangram_sglang.compress import SCORERS, SegmentBatch, check_budgets, select_batch
 from tangram_sglang.compress.write import write_selected
-from tangram_sglang.plan import AotPlan
 from tangram_sglang.pool import RaggedPool
 
 if TYPE_CHECKING:

@@ -55,7 +55,7 @@ def pages(tokens: int, page_size: int) -> int:
 
 
 @dataclass(frozen=True)
-class BudgetReservation:
+class TurnBudget:
     """What one turn of one request holds in each group, decided at admission."""
 
     kept: tuple[int, ...]
@@ -69,13 +69,13 @@ class BudgetReservation:
 
 def reserve_turn(
     new_tokens: int, max_new_tokens: int, ratios: Sequence[float], rule: BudgetRule
-) -> BudgetReservation:
+) -> TurnBudget:
     """Per-group slots for a turn: its compressed new segment plus its decode budget."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens} is negative")
     kept = tuple(kept_tokens(new_tokens, r, rule) for r in ratios)
     slots = tuple(pages(k + max_new_tokens, rule.page_size) * rule.page_size for k in kept)
-    return BudgetReservation(kept, max_new_tokens, slots)
+    return TurnBudget(kept, max_new_tokens, slots)
 
 
 def session_slots(

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tangram_sglang.aot_plan import AotPlan
 from tangram_sglang.kernels.decode import merge_partials
-from tangram_sglang.plan import AotPlan
 from tangram_sglang.ragged_kv import RaggedKV
 
 MODES = ("replan", "aot")

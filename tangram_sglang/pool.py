@@ -1,10 +1,10 @@
-"""Ragged head-group pools: one SGLang allocator and one slot space per head group.
+"""Ragged head-group pools: the K/V storage, its views, one slot allocator per head group.
 
 Group g's heads keep the same tokens, so they share one slot index space, handed out by
 SGLang's own `TokenToKVPoolAllocator` (page_size 1) or `PagedTokenToKVPoolAllocator`
 (whole pages through `alloc`; their `alloc_extend/alloc_decode` need a GPU kernel and a
-SGLang-shaped batch, which the pool does not need). The allocators manage indices only;
-the bytes live here, laid out as docs/pool-layout.md draws:
+SGLang-shaped batch, which nothing here has). The allocators manage indices only; the
+bytes live here, laid out as docs/pool-layout.md draws:
 
 - Slots `0..page_size-1` of every group are padding (SGLang's slot-0 convention: padded
   batch entries write there harmlessly), so group g's buffers have `S_g + page_size`
@@ -14,16 +14,13 @@ the bytes live here, laid out as docs/pool-layout.md draws:
   of layer l (member j of group g) reads slot s at row
   `head_base[l, h] + s * head_stride[l, h]` (= base_row[l][g] + j + s * n_{g,l}).
 
-Request rows follow SGLang's `ReqToTokenPool`: rows `1..max_requests`, row 0 padding.
-
-Reservation vs written length (the one convention to remember): per group, a row owns
-the slots `req_to_slot[g, r, :reserved]` in reservation order, and the first
-`group_lens[g, r]` of them hold written K/V in token order (what attention reads). The
-rest are reserved, not yet written: the next tokens of the row go there, in order, so
-`next_slots` / `decode_slots` read where to write straight from the table (as SGLang's
-`req_to_token` holds `out_cache_loc` before the forward). `reserve` adds slots at the end
-of the reservation, `append` / `append_decode` advance `group_lens` over slots already
-reserved, `trim` returns unwritten whole pages, `release` frees everything the row owns.
+The per-request group page tables live here too, because attention reads them next to
+the storage (`layer_view`): `req_to_slot[g, r, :group_lens[g, r]]` are the group slots
+request row r attends to, in token order (rows follow SGLang's `ReqToTokenPool`:
+`1..max_requests`, row 0 padding). The pool only zeroes them (`clear`) and keeps no
+request ledger: `TangramAllocator` (tangram_sglang/allocator.py) takes the slots from
+`allocators[g]`, maps them to logical slots and writes the tables, and
+`BudgetReservation` (tangram_sglang/reservation.py) holds what admission promised.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from tangram_sglang.ragged_kv import RaggedKV
 
 
 class PoolExhausted(ValueError):
-    """A reservation that does not fit; nothing was reserved."""
+    """Some group has too few free slots for an allocation; nothing was allocated."""
 
 
 def _as_layout(layout: PoolLayout | Profile, target_ratio: float | None) -> PoolLayout:
@@ -58,7 +55,8 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 class RaggedPool:
-    """Per-group allocators, per-layer K/V storage and per-request slot tables."""
+    """Per-group allocators, per-layer K/V storage, and the per-request slot tables that
+    `TangramAllocator` writes."""
 
     def __init__(
         self,
@@ -100,11 +98,6 @@ class RaggedPool:
             (G, R1, self.max_context), dtype=torch.int32, device=self.device
         )
         self.group_lens = torch.zeros((G, R1), dtype=torch.int32, device=self.device)
-        # Host mirrors, so that capacity checks never read the device.
-        self._lens = torch.zeros((G, R1), dtype=torch.int64)
-        self._reserved = torch.zeros((G, R1), dtype=torch.int64)
-        self._free_rows = list(range(1, R1))
-        self._active = [False] * R1
 
     @classmethod
     def from_budget(
@@ -297,227 +290,18 @@ class RaggedPool:
             if index.numel():
                 self.write(layer, g, group_slots[g], k[:, index], v[:, index])
 
-    # ---- request rows ---------------------------------------------------------------
-
-    def alloc_row(self) -> int:
-        """A free request row (1..max_requests)."""
-        if not self._free_rows:
-            raise PoolExhausted(f"all {self.max_requests} request rows are in use")
-        row = self._free_rows.pop(0)
-        self._active[row] = True
-        return row
-
-    def free_row(self, row: int) -> None:
-        """Release everything the row owns and return the row."""
-        self.release(row)
-        self._active[row] = False
-        self._free_rows.append(row)
-
-    def available_rows(self) -> int:
-        return len(self._free_rows)
-
-    def _check_row(self, row: int) -> None:
-        ok = isinstance(row, int) and not isinstance(row, bool)
-        if not (ok and 1 <= row <= self.max_requests and self._active[row]):
-            raise ValueError(f"request row {row!r} is not an allocated row of this pool")
-
     def _check_groups(self, values: Sequence[Any], name: str) -> None:
         if len(values) != self.num_groups:
             raise ValueError(f"{name} has {len(values)} entries for {self.num_groups} groups")
 
-    # ---- exact accounting -----------------------------------------------------------
+    # ---- group slots ----------------------------------------------------------------
 
     def free_slots(self) -> tuple[int, ...]:
         return tuple(a.available_size() for a in self.allocators)
 
-    def reserved_counts(self, row: int) -> tuple[int, ...]:
-        """Slots the row owns per group (written or not)."""
-        return tuple(int(x) for x in self._reserved[:, row])
-
-    def written_counts(self, row: int) -> tuple[int, ...]:
-        """`group_lens` of the row (host copy)."""
-        return tuple(int(x) for x in self._lens[:, row])
-
-    def reserve(self, row: int, counts: Sequence[int]) -> list[torch.Tensor]:
-        """Own `counts[g]` more slots in each group (whole pages), all or nothing.
-
-        Returns the new slots per group; they are also appended to the row's reservation
-        in `req_to_slot`, so the row's next tokens are written there.
-        """
-        self._check_row(row)
-        self._check_groups(counts, "counts")
-        counts = [int(c) for c in counts]
-        for g, c in enumerate(counts):
-            if c < 0 or c % self.page_size:
-                raise ValueError(
-                    f"reserve(row {row}): counts[{g}] = {c} is not a non-negative multiple of "
-                    f"page_size {self.page_size}"
-                )
-            if self._reserved[g, row] + c > self.max_context:
-                raise ValueError(
-                    f"reserve(row {row}): group {g} would own {int(self._reserved[g, row]) + c} "
-                    f"slots, more than max_context {self.max_context}"
-                )
-        free = self.free_slots()
-        short = [g for g, c in enumerate(counts) if c > free[g]]
-        if short:
-            detail = "; ".join(
-                f"group {g} needs {counts[g]} slots but has {free[g]} free of {self.slots[g]}"
-                for g in short
-            )
-            raise PoolExhausted(f"reserve(row {row}): {detail}; nothing was reserved")
-        new_slots = []
-        for g, c in enumerate(counts):
-            slots = self.allocators[g].alloc(c)
-            start = int(self._reserved[g, row])
-            self.req_to_slot[g, row, start : start + c] = slots.to(torch.int32)
-            self._reserved[g, row] = start + c
-            new_slots.append(slots)
-        return new_slots
-
-    def next_slots(self, row: int, counts: Sequence[int]) -> list[torch.Tensor]:
-        """Where the row's next `counts[g]` tokens go in each group (reserved, unwritten)."""
-        self._check_row(row)
-        self._check_groups(counts, "counts")
-        out = []
-        for g, c in enumerate(counts):
-            start = int(self._lens[g, row])
-            if c < 0 or start + c > self._reserved[g, row]:
-                raise ValueError(
-                    f"row {row} asks for {c} slots in group {g} but has "
-                    f"{int(self._reserved[g, row]) - start} reserved and unwritten"
-                )
-            out.append(self.req_to_slot[g, row, start : start + c].long())
-        return out
-
-    def append(self, row: int, counts: Sequence[int]) -> None:
-        """The row's next `counts[g]` reserved slots now hold written K/V: advance lengths."""
-        self._check_row(row)
-        self._check_groups(counts, "counts")
-        new = self._lens[:, row] + torch.tensor([int(c) for c in counts], dtype=torch.int64)
-        over = ((new > self._reserved[:, row]) | (new < self._lens[:, row])).nonzero()
-        if over.numel():
-            g = int(over[0])
-            raise ValueError(
-                f"append(row {row}): group {g} would hold {int(new[g])} written slots but the "
-                f"row reserved {int(self._reserved[g, row])} (and lengths only grow)"
-            )
-        self._lens[:, row] = new
-        self.group_lens[:, row] = new.to(device=self.device, dtype=torch.int32)
-
-    def decode_slots(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """`[G, B]` slot of each row's next token in each group (decode's out_cache_loc)."""
-        host = self._decode_rows(rows)
-        dev = host.to(self.device)
-        groups = torch.arange(self.num_groups, device=self.device)[:, None]
-        return self.req_to_slot[groups, dev[None, :], self.group_lens[:, dev].long()].long()
-
-    def append_decode(self, rows: Sequence[int] | torch.Tensor) -> None:
-        """Every group wrote one more token of each row (decode keeps every token)."""
-        host = self._decode_rows(rows)
-        self._lens[:, host] += 1
-        self.group_lens[:, host.to(self.device)] += 1
-
-    def _decode_rows(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        host = torch.as_tensor(rows, dtype=torch.int64).cpu().reshape(-1)
-        if host.numel() != host.unique().numel():
-            raise ValueError(f"decode rows {host.tolist()} repeat a row")
-        for row in host.tolist():
-            self._check_row(row)
-        full = (self._lens[:, host] >= self._reserved[:, host]).nonzero()
-        if full.numel():
-            g, b = full[0].tolist()
-            raise ValueError(
-                f"decode: row {int(host[b])} has no reserved unwritten slot in group {g} "
-                "(reserve before decoding)"
-            )
-        return host
-
-    def trim(self, row: int) -> tuple[int, ...]:
-        """Free the row's reserved whole pages that hold no written token (a turn that
-        stopped early); a partly written page stays owned. Returns slots freed per group."""
-        self._check_row(row)
-        freed = []
-        for g in range(self.num_groups):
-            lens, reserved = int(self._lens[g, row]), int(self._reserved[g, row])
-            tail = self.req_to_slot[g, row, lens:reserved].long()
-            starts = (tail % self.page_size == 0).nonzero()
-            if starts.numel() == 0:
-                freed.append(0)
-                continue
-            cut = lens + int(starts[0])
-            self.allocators[g].free(self.req_to_slot[g, row, cut:reserved].long())
-            self.req_to_slot[g, row, cut:reserved] = 0
-            self._reserved[g, row] = cut
-            freed.append(reserved - cut)
-        return tuple(freed)
-
-    def release(self, row: int) -> None:
-        """Free exactly what the row owns in every group and reset its lengths."""
-        self._check_row(row)
-        for g in range(self.num_groups):
-            reserved = int(self._reserved[g, row])
-            if reserved:
-                self.allocators[g].free(self.req_to_slot[g, row, :reserved].long())
-        self.req_to_slot[:, row] = 0
-        self.group_lens[:, row] = 0
-        self._lens[:, row] = 0
-        self._reserved[:, row] = 0
-
     def clear(self) -> None:
-        """Forget every row and free every slot (SGLang's flush)."""
+        """Free every slot and empty every row (SGLang's flush; `TangramAllocator.clear`)."""
         for a in self.allocators:
             a.clear()
         self.req_to_slot.zero_()
         self.group_lens.zero_()
-        self._lens.zero_()
-        self._reserved.zero_()
-        self._free_rows = list(range(1, self.max_requests + 1))
-        self._active = [False] * (self.max_requests + 1)
-
-    # ---- invariants -----------------------------------------------------------------
-
-    def _free_slot_ids(self, g: int) -> torch.Tensor:
-        a = self.allocators[g]
-        ids = torch.cat((a.free_pages, a.release_pages)).cpu()
-        if self.page_size == 1:
-            return ids
-        return (ids[:, None] * self.page_size + torch.arange(self.page_size)).reshape(-1)
-
-    def check_invariants(self) -> None:
-        """Raise AssertionError unless: no slot is owned twice (across rows) or both owned
-        and free, free + owned == capacity in every group, written <= reserved, padding
-        slots are never handed out, and the device lengths equal the host ones."""
-        if not torch.equal(self.group_lens.cpu().long(), self._lens):
-            raise AssertionError("group_lens on the device differs from the host copy")
-        if (self._lens > self._reserved).any():
-            g, row = (self._lens > self._reserved).nonzero()[0].tolist()
-            raise AssertionError(f"group {g} row {row}: written > reserved")
-        table = self.req_to_slot.cpu().long()
-        for g in range(self.num_groups):
-            capacity = self.slots[g] + self.page_size
-            owner = torch.zeros(capacity, dtype=torch.int64)
-            for row in range(self.max_requests + 1):
-                reserved = int(self._reserved[g, row])
-                if reserved and not self._active[row]:
-                    raise AssertionError(f"group {g}: inactive row {row} owns {reserved} slots")
-                owned = table[g, row, :reserved]
-                if owned.numel() and (owned.min() < self.page_size or owned.max() >= capacity):
-                    raise AssertionError(f"group {g} row {row}: slot outside [page_size, S+P)")
-                twice = owned[owner[owned] != 0]
-                if twice.numel() or owned.unique().numel() != owned.numel():
-                    raise AssertionError(f"group {g}: row {row} owns slots owned twice")
-                owner[owned] = row
-            free = self._free_slot_ids(g)
-            if free.unique().numel() != free.numel():
-                raise AssertionError(f"group {g}: a slot is free twice")
-            if free.numel() and (free.min() < self.page_size or free.max() >= capacity):
-                raise AssertionError(f"group {g}: free slot outside [page_size, S+P)")
-            if (owner[free] != 0).any():
-                raise AssertionError(f"group {g}: a slot is both free and owned")
-            owned_total = int((owner != 0).sum())
-            if owned_total + free.numel() != self.slots[g]:
-                raise AssertionError(
-                    f"group {g}: {owned_total} owned + {free.numel()} free != capacity "
-                    f"{self.slots[g]}"
-                )

@@ -29,14 +29,22 @@ where SGLang moves a node in or out of the evictable set (new leaf, lock, unlock
 `check_evictable_count` compares it with a full walk, once per tree state (the idle check).
 A request whose matched prefix leaves it no room can be made to `recompute` it: it neither
 matches nor adopts cached slots from then on.
+
+The count rides on private `RadixCache` methods, so a renamed or re-signed one in another
+SGLang would make it drift silently (admission would over-promise). `self_test()` runs at
+start-up under --kv-compression: every overridden method must exist in SGLang with our
+parameters, and insert, split, lock, unlock and evict on a tiny tree must keep the count
+equal to a walk; otherwise compression is refused, naming the method.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
     InsertParams,
     InsertResult,
     MatchPrefixParams,
@@ -221,6 +229,150 @@ class TangramRadixCache(RadixCache):
         theirs = self.allocator.group_counts(tree_values[protected:present])
         mine = self.allocator.group_counts(value[protected:present])
         return bool((theirs > mine).any())
+
+
+OVERRIDDEN = (
+    "reset",
+    "match_prefix",
+    "insert",
+    "cache_unfinished_req",
+    "_insert_helper",
+    "_split_node",
+    "inc_lock_ref",
+    "dec_lock_ref",
+    "_delete_leaf",
+)
+
+
+def override_problems() -> list[str]:
+    """Overridden `RadixCache` methods that SGLang lacks or that take other parameters."""
+    problems = []
+    for name in OVERRIDDEN:
+        theirs = RadixCache.__dict__.get(name)
+        if theirs is None:
+            problems.append(f"SGLang's RadixCache.{name} is gone (tangram-sglang overrides it)")
+            continue
+        want = list(inspect.signature(theirs).parameters)
+        have = list(inspect.signature(TangramRadixCache.__dict__[name]).parameters)
+        if want != have:
+            problems.append(
+                f"SGLang's RadixCache.{name} takes ({', '.join(want)}), tangram-sglang's "
+                f"override ({', '.join(have)})"
+            )
+    return problems
+
+
+def self_test() -> list[str]:
+    """Check the overrides, then run insert, split, lock, unlock and evict on a tiny tree
+    and compare the incremental evictable group-slot count with a walk after each; one
+    line per problem (empty: the radix cache is sound on this SGLang)."""
+    problems = override_problems()
+    if problems:
+        return problems
+    step, method = "build", "__init__"
+    try:
+        cache, allocator = _tiny_tree()
+        start = allocator.pool.free_slots()
+        for step, (method, run) in _STEPS.items():
+            run(cache, allocator)
+            counted, walked = cache.evictable_group_slots(), cache.recount_evictable_group_slots()
+            stale = _stale_nodes(cache)
+            if counted != walked or stale:
+                return [
+                    f"radix self-test: after {step} the tree counts {list(counted)} evictable "
+                    f"group slots, a walk {list(walked)}, and {stale} node(s) have no or wrong "
+                    f"group-slot counts (check SGLang's RadixCache.{method})"
+                ]
+        if allocator.pool.free_slots() != start:
+            return [
+                f"radix self-test: {allocator.pool.free_slots()} group slots free after "
+                f"evicting everything, {start} at the start (check SGLang's RadixCache.evict)"
+            ]
+    except Exception as exc:  # a changed SGLang may fail anywhere in its tree code
+        return [f"radix self-test: {step} failed: {exc!r} (check SGLang's RadixCache.{method})"]
+    return []
+
+
+FIRST, SECOND = list(range(1, 13)), list(range(1, 6)) + list(range(100, 107))
+
+
+def _match(cache: TangramRadixCache, tokens: list[int]) -> MatchResult:
+    return cache.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+
+
+def _split(cache: TangramRadixCache, allocator: TangramAllocator) -> None:
+    """A second request shares 5 tokens with the first: SGLang splits its node."""
+    if not hasattr(cache, "_empty_match_result"):
+        raise AttributeError("RadixCache has no _empty_match_result (tangram-sglang reads it)")
+    prefix = _match(cache, SECOND[:5]).device_indices
+    _cache_turn(cache, allocator, SECOND, torch.cat((prefix, allocator.alloc(7))))
+
+
+_STEPS = {  # step: (the SGLang method our count rides on, the step)
+    "insert": (
+        "_insert_helper",
+        lambda cache, allocator: _cache_turn(cache, allocator, FIRST, allocator.alloc(12)),
+    ),
+    "split": ("_split_node", _split),
+    "lock": (
+        "inc_lock_ref",
+        lambda cache, _: cache.inc_lock_ref(_match(cache, SECOND).last_device_node),
+    ),
+    "unlock": (
+        "dec_lock_ref",
+        lambda cache, _: cache.dec_lock_ref(_match(cache, SECOND).last_device_node),
+    ),
+    "evict": ("_delete_leaf", lambda cache, _: cache.evict(EvictParams(num_tokens=10**6))),
+}
+
+
+def _stale_nodes(cache: TangramRadixCache) -> int:
+    """Nodes whose recorded group-slot counts are missing or differ from their value's."""
+    stale, stack = 0, list(cache.root_node.children.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        recorded = cache._node_slots.get(node)
+        actual = cache.allocator.group_counts(node.value)
+        stale += recorded is None or not torch.equal(recorded, actual)
+    return stale
+
+
+def _tiny_tree() -> tuple[TangramRadixCache, TangramAllocator]:
+    """A one-group tree at ratio 0.5 on the CPU: compressed segments map fewer group slots
+    than logical ones, so a wrong count shows."""
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    from tangram_sglang.allocator import TangramKVPool
+    from tangram_sglang.budget import BudgetRule
+    from tangram_sglang.layout import PoolLayout
+    from tangram_sglang.pool import RaggedPool
+    from tangram_sglang.profile import ModelIdentity, uniform_profile
+
+    layout = PoolLayout.from_profile(
+        uniform_profile(ModelIdentity("self-test", 1, 2, 1, 4, ""), 0.5)
+    )
+    pool = RaggedPool(layout, [64], torch.float32, "cpu", 4, 64)
+    allocator = TangramAllocator(128, TangramKVPool(pool, 128), BudgetRule(sink=1, window=1))
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=ReqToTokenPool(4, 64, "cpu", False),
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+    )
+    return TangramRadixCache(params), allocator
+
+
+def _cache_turn(cache: TangramRadixCache, allocator: TangramAllocator, tokens, values) -> None:
+    """Extend a request's new tokens as one segment on row 1 and insert it, freeing what
+    the tree already held (as SGLang's cache_finished_req does)."""
+    done = cache.match_prefix(MatchPrefixParams(key=RadixKey(tokens))).device_indices.numel()
+    allocator.budget.reserve("self-test", allocator.budget.prompt_need(len(tokens) - done))
+    allocator.budget.bind("self-test", 1)
+    allocator.begin_extend([1], [values[:done]], [values[done:]])
+    result = cache.insert(InsertParams(key=RadixKey(tokens), value=values))
+    allocator.free(values[done : result.prefix_len])
+    allocator.release_row(1)
 
 
 def make_tangram_tree(ctx):

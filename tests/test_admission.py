@@ -1,6 +1,7 @@
 """Budget Reservation at admission: SGLang's real PrefillAdder (our subclass, installed by
 the plugin's hooks) admits a request only while every head group can hold its exact
-need, records the reservation, allocation consumes it, release returns the rest."""
+prompt need plus SGLang's decode estimate, reserves the prompt need, allocation consumes
+it exactly, release returns the rest; eviction takes only each group's shortfall."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from test_allocator import RULE, make_allocator
 from test_radix import VOCAB, Turn, match
 
-from tangram_sglang.admission import never_fits, short_group, turn_need
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import RaggedPool
 from tangram_sglang.profile import ModelIdentity, uniform_profile
 from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.reservation import short_group
 
 ROWS = 16
 
@@ -100,29 +101,33 @@ def test_admission_stops_at_the_first_request_some_group_cannot_hold(seed, slots
     adder = make_adder(cache, allocator)
     rng = random.Random(seed)
     reqs = [make_req(f"r{i}", random_tokens(rng, n), m) for i, (n, m) in enumerate(shapes)]
-    held = [0] * allocator.pool.num_groups
+    budget = allocator.budget
+    held, offset = [0] * budget.num_groups, 0
     for i, req in enumerate(reqs):
-        need = turn_need(len(req.origin_input_ids), req.sampling_params.max_new_tokens, allocator)
-        room = [s - h for s, h in zip(allocator.pool.slots, held, strict=True)]
-        never = short_group(need, allocator.pool.slots) is not None
+        prompt = budget.prompt_need(len(req.origin_input_ids))
+        decode = req.sampling_params.max_new_tokens  # below SGLang's clip (4096)
+        room = [s - h - offset for s, h in zip(allocator.pool.slots, held, strict=True)]
+        never = short_group([p + decode for p in prompt], allocator.pool.slots) is not None
         admitted, result = offer(adder, cache, req)
         if never:  # aborted instead of waiting forever: a one-token prefill that finishes
             assert req.to_finish is not None and "can never fit" in req.to_finish.message, (
-                f"seed {seed}: request {i} needs {need} of capacity {allocator.pool.slots} "
-                f"and was not aborted (to_finish {req.to_finish})"
+                f"seed {seed}: request {i} needs {prompt} + {decode} of capacity "
+                f"{allocator.pool.slots} and was not aborted (to_finish {req.to_finish})"
             )
-            need = turn_need(1, 0, allocator)
-        overflow = short_group(need, room)
+            prompt, decode = budget.prompt_need(1), 0
+        overflow = short_group([p + decode for p in prompt], room)
         assert admitted == (overflow is None), (
-            f"seed {seed}: request {i} needs {need} with room {room} per group (ratios "
-            f"{allocator.ratios}); adder answered {result}"
+            f"seed {seed}: request {i} needs {prompt} + {decode} with room {room} per group "
+            f"(ratios {allocator.ratios}); adder answered {result}"
         )
         if not admitted:
             break
-        held = [h + n for h, n in zip(held, need, strict=True)]
-        assert list(allocator.reserved()) == held, (
-            f"seed {seed}: after request {i} the allocator reserves {allocator.reserved()}, "
-            f"the admitted requests need {held}"
+        held = [h + p for h, p in zip(held, prompt, strict=True)]
+        offset += decode
+        assert list(budget.reserved()) == held and adder.decode_offset == offset, (
+            f"seed {seed}: after request {i} the ledger reserves {budget.reserved()} and "
+            f"counts {adder.decode_offset} decode slots; the admitted requests need {held} "
+            f"and {offset}"
         )
     assert adder.can_run_list == reqs[: len(adder.can_run_list)]
     assert list(allocator.pool.free_slots()) == list(allocator.pool.slots), "admission allocated"
@@ -142,14 +147,20 @@ def test_reservations_are_what_allocation_consumes_and_release_returns_the_rest(
     ]
     for req in reqs:
         assert offer(adder, cache, req)[0], f"seed {seed}: {req.rid} refused in a roomy pool"
-    reserved = allocator.reserved()
+    budget = allocator.budget
+    reserved = budget.reserved()
     allocation.alloc_req_slots(cache.req_to_token_pool, reqs, cache)  # the plugin binds rows
-    assert allocator.pending == {}, f"seed {seed}: reservations left unbound {allocator.pending}"
-    assert allocator.reserved() == reserved, f"seed {seed}: binding changed the reservation"
+    assert budget.pending == {}, f"seed {seed}: reservations left unbound {budget.pending}"
+    assert budget.reserved() == reserved, f"seed {seed}: binding changed the reservation"
     for req in reqs:
         new = allocator.alloc(len(req.origin_input_ids))
         allocator.begin_extend([req.req_pool_idx], [new[:0]], [new])
         req.logical = [new]
+    used = [s - f for s, f in zip(start, allocator.pool.free_slots(), strict=True)]
+    assert used == list(reserved) and budget.reserved() == (0,) * len(start), (
+        f"seed {seed}: admission reserved {reserved}, the prompts used {used}, "
+        f"{budget.reserved()} left"
+    )
     decoded = [rng.randint(0, req.sampling_params.max_new_tokens) for req in reqs]
     for step in range(max(decoded)):
         live = [r for r, d in zip(reqs, decoded, strict=True) if d > step]
@@ -157,22 +168,13 @@ def test_reservations_are_what_allocation_consumes_and_release_returns_the_rest(
         allocator.begin_decode([r.req_pool_idx for r in live], new)
         for r, slot in zip(live, new.split(1), strict=True):
             r.logical.append(slot)
-    used = [s - f for s, f in zip(start, allocator.pool.free_slots(), strict=True)]
-    left = [
-        sum(r.sampling_params.max_new_tokens - d for r, d in zip(reqs, decoded, strict=True))
-    ] * len(start)
-    assert list(allocator.reserved()) == left, (
-        f"seed {seed}: {allocator.reserved()} still reserved, expected the undecoded {left}"
-    )
-    assert [u + r for u, r in zip(used, allocator.reserved(), strict=True)] == list(reserved), (
-        f"seed {seed}: used {used} + reserved {allocator.reserved()} != reserved at "
-        f"admission {reserved}"
-    )
-    assert allocator.describe()["reserved"] == left
+    assert budget.reserved() == (0,) * len(start) and budget.overdrawn.tolist() == [0] * len(
+        start
+    ), f"seed {seed}: decode touched the ledger: {budget.describe()}"
+    assert allocator.describe()["reserved"] == [0] * len(start)
     for req in reqs:
         allocator.free(torch.cat(req.logical))
         allocator.release_row(req.req_pool_idx)
-    assert allocator.reserved() == (0,) * len(start), f"seed {seed}: release kept a reservation"
     assert allocator.pool.free_slots() == start, f"seed {seed}: release did not free every slot"
     assert allocator.describe()["reserved_requests"] == 0
 
@@ -207,46 +209,70 @@ def test_admission_counts_evictable_tree_slots_but_not_locked_ones():
     cached.finish()  # unlocked: every slot it holds is evictable
     free, evictable = allocator.pool.free_slots(), cache.evictable_group_slots()
     # A prompt whose need fits free + evictable in every group but not free alone.
-    n = next(
-        n for n in range(1, 2_000) if short_group(turn_need(n, 0, allocator), free) is not None
-    )
-    need = turn_need(n, 0, allocator)
+    budget = allocator.budget
+    n = next(n for n in range(1, 2_000) if short_group(budget.prompt_need(n), free) is not None)
+    need = budget.prompt_need(n)
     assert short_group(need, [f + e for f, e in zip(free, evictable, strict=True)]) is None, (
         f"seed {seed}: test setup: need {need}, free {free}, evictable {evictable}"
     )
     assert offer(
         make_adder(cache, allocator), cache, make_req("a", random_tokens(rng, n, VOCAB), 0)
     )[0], f"seed {seed}: need {need} refused with free {free} + evictable {evictable}"
-    allocator.drop_pending("a")  # that adder's request never ran
+    adder = make_adder(cache, allocator)
+    assert budget.pending == {}, "a new round must clear the reservation of a request never run"
     lock = match(cache, cached.tokens).last_device_node
     cache.inc_lock_ref(lock)  # a running request now holds the cached turn
-    admitted, _ = offer(
-        make_adder(cache, allocator), cache, make_req("b", random_tokens(rng, n, VOCAB), 0)
-    )
+    admitted, _ = offer(adder, cache, make_req("b", random_tokens(rng, n, VOCAB), 0))
     assert not admitted, f"seed {seed}: need {need} admitted against locked tree slots"
     cache.dec_lock_ref(lock)
 
 
-def test_a_request_that_can_never_fit_is_named_with_its_group_and_numbers():
+def test_an_extend_evicts_only_each_groups_shortfall_and_keeps_cache_hits():
+    """SGLang evicts `need - available_size()` raw tokens before an extend. When that was
+    the scarcest group's free count, an extend of n raw tokens evicted n - min(free) cached
+    tokens even when its compressed need fit every group. Now nothing is evicted then, and
+    under real pressure only the group shortfall is."""
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
     seed = random.randrange(10_000)
-    _, allocator = make_cache(seed, slots=random.randint(50, 300))
-    capacity = allocator.pool.slots
-    fits = min(capacity) - 1
-    assert never_fits(1, fits - 1, allocator) is None, (
-        f"seed {seed}: {never_fits(1, fits - 1, allocator)}"
+    rng = random.Random(seed)
+    model = ModelIdentity("test", 2, 8, 4, 4, f"e{seed}")
+    pool = RaggedPool(
+        PoolLayout.from_profile(uniform_profile(model, 0.25)), [200], torch.float32, "cpu", 8, 512
     )
-    max_new = max(capacity)
-    reason = never_fits(10, max_new, allocator)
-    g = short_group(turn_need(10, max_new, allocator), capacity)
-    need = turn_need(10, max_new, allocator)[g]
-    assert reason is not None and f"head group {g}" in reason, reason
-    assert f"needs {need} slots" in reason and f"holds {capacity[g]}" in reason, reason
+    allocator = TangramAllocator(4_000, TangramKVPool(pool, 4_000), RULE)
+    cache = TangramRadixCache(
+        CacheInitParams(
+            disable=False,
+            req_to_token_pool=ReqToTokenPool(8, 512, "cpu", False),
+            token_to_kv_pool_allocator=allocator,
+            page_size=1,
+        )
+    )
+    for row in range(1, 5):
+        Turn(cache, allocator, random_tokens(rng, rng.randint(40, 80)), row).finish()
+    free, budget = allocator.pool.free_slots(), allocator.budget
+    width = allocator.pool.max_context
+    fits = [
+        n
+        for n in range(1, 3_000)
+        if short_group(budget.prompt_need(n), [min(f, width) for f in free]) is None
+    ]
+    n = max(fits)
+    assert n > min(free), f"seed {seed}: setup: {n} tokens, free {free}"
+    cached = cache.evictable_size()
+    evict_from_tree_cache(cache, n)
+    new = allocator.alloc(n)
+    allocator.begin_extend([5], [new[:0]], [new], lambda k: cache.evict(EvictParams(num_tokens=k)))
+    assert cache.evictable_size() == cached, (
+        f"seed {seed}: an extend whose {budget.prompt_need(n)} kept slots fit {free} free "
+        f"evicted {cached - cache.evictable_size()} cached tokens (the old rule: {n - min(free)})"
+    )
 
 
 def test_decode_check_evicts_per_group_instead_of_retracting():
-    """A decode batch fits when free + evictable covers it in every group. SGLang's check
-    evicts only its raw-token shortfall, which frees a quarter as many slots at ratio 0.25
-    (dropped tokens hold none), so it alone would retract here."""
+    """A decode batch fits when free + evictable covers it in every group: the check evicts
+    group slots, not raw tokens (at ratio 0.25 a cached raw token frees a quarter slot)."""
     from sglang.srt.managers.schedule_batch import ScheduleBatch
 
     seed = random.randrange(10_000)

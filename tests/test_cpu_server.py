@@ -97,10 +97,11 @@ def _post_ids(server, prompt: list[int], **params) -> tuple[int, str]:
     return response.status_code, response.text
 
 
-def _never_fits(server, prompt: list[int], slots: list[int]) -> tuple[int, str]:
-    """A request whose decode budget alone exceeds every head group's capacity (yet within
-    the model's context)."""
-    return _post_ids(server, prompt, max_new_tokens=max(slots) + 1, ignore_eos=True)
+def _never_fits(server, ids, slots: list[int]) -> tuple[int, str]:
+    """A prompt that no head group can hold even empty (twice the largest group's slots;
+    a chunk of 64 keeps at least its 36 sink + window tokens in every group), yet within
+    the model's context. (A decode budget beyond the pools is clipped, as stock clips it.)"""
+    return _post_ids(server, ids(2 * max(slots)))
 
 
 def _frontend_program(server) -> list[tuple[str, int]]:
@@ -142,7 +143,7 @@ def _conversation(server, seed: int) -> dict:
     own = [t for t in ids(30) if t != history[SYSTEM]]
     shared = server.generate(history[:SYSTEM] + own, NEW_TOKENS)
     frontend = _frontend_program(server)
-    refused = _never_fits(server, ids(8), start["slots"])
+    refused = _never_fits(server, ids, start["slots"])
     bad_ids = [
         _post_ids(server, [*ids(5), token, *ids(3)]) for token in (10**6 + rng.randrange(99), -1)
     ]

@@ -4,7 +4,7 @@ Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes; wit
 the same tests run compiled, on larger shapes and page size 64 too. Every test draws
 fresh random inputs (the seed is in the failure message), fills outputs and unwritten
 storage with NaN first, and builds its pool through `RaggedPool` with page tables
-fragmented across requests.
+fragmented across requests (`pool_rows.lay_out_rows`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
+from pool_rows import lay_out_rows, take_pages  # noqa: E402
 from tangram_sglang.kernels.decode import (  # noqa: E402
     DecodeLaunch,
     DecodeSchedule,
@@ -31,10 +32,10 @@ from tangram_sglang.kernels.decode import (  # noqa: E402
 from tangram_sglang.kernels.extend import extend_attention  # noqa: E402
 from tangram_sglang.kernels.scatter import pack_selection, scatter_selected  # noqa: E402
 
+from tangram_sglang.aot_plan import AotPlan  # noqa: E402
 from tangram_sglang.compress.write import write_selected  # noqa: E402
 from tangram_sglang.flashinfer_path import FlashInferRaggedDecode, flashinfer_available  # noqa: E402
 from tangram_sglang.layout import PoolLayout  # noqa: E402
-from tangram_sglang.plan import AotPlan  # noqa: E402
 from tangram_sglang.pool import RaggedPool  # noqa: E402
 from tangram_sglang.reference import ragged_decode, ragged_extend  # noqa: E402
 
@@ -109,7 +110,7 @@ def build_pool(
 ) -> tuple[RaggedPool, list[int]]:
     """Pool whose request b holds `lens[b][g]` written tokens in group g, pages handed
     out in random order across requests (fragmented tables); every unwritten row is NaN.
-    `spare` tokens of room are left per request and group for later reservations."""
+    `spare` tokens of room are left per request and group for a later segment."""
     groups = layout.num_groups
     spare = -(-spare // page) * page
     pages_needed = [[-(-n // page) for n in row] for row in lens]
@@ -128,27 +129,20 @@ def build_pool(
     )
     for storage in pool.k_storage + pool.v_storage:
         storage.fill_(float("nan"))
-    rows = [pool.alloc_row() for _ in lens]
-    todo = [
-        (b, g) for b, need in enumerate(pages_needed) for g in range(groups) for _ in range(need[g])
-    ]
-    random.shuffle(todo)
-    for b, g in todo:
-        pool.reserve(rows[b], [page if gg == g else 0 for gg in range(groups)])
-    for b, row in enumerate(rows):
+    rows = list(range(1, len(lens) + 1))
+    held = lay_out_rows(pool, rows, lens, random.shuffle)
+    for b in range(len(rows)):
         for layer in range(layout.num_layers):
             for g in range(groups):
                 n = lens[b][g]
-                slots_g = pool.next_slots(row, [n if gg == g else 0 for gg in range(groups)])[g]
                 heads = len(layout.heads[g][layer])
                 pool.write(
                     layer,
                     g,
-                    slots_g,
+                    held[b][g],
                     torch.randn(n, heads, layout.head_dim, device=DEVICE),
                     torch.randn(n, heads, layout.head_dim, device=DEVICE),
                 )
-        pool.append(row, lens[b])
     return pool, rows
 
 
@@ -416,8 +410,7 @@ def test_scatter_writes_what_write_selected_writes(page: int) -> None:
         layout, [[random.randint(0, 2 * page) for _ in range(3)]], page, torch.bfloat16, spare=t
     )
     kept = [random.randint(0, t) for _ in range(3)]
-    pool.reserve(row, [-(-k // page) * page for k in kept])
-    slots = pool.next_slots(row, kept)
+    slots = [take_pages(pool, g, k)[:k] for g, k in enumerate(kept)]  # the new segment's
     layer = random.randrange(2)
     group_of = [layout.locate(layer, h)[0] for h in range(4)]
     selected = [torch.randperm(t)[: kept[group_of[h]]].sort().values for h in range(4)]

@@ -128,7 +128,7 @@ def test_random_multi_turn_traces_reuse_only_earlier_tokens_and_free_everything(
     gen = torch.Generator().manual_seed(seed)
     latest = Latest()
     cache, allocator = make_cache(seed)
-    start = (allocator.pool.free_slots(), allocator.logical_available_size())
+    start = (allocator.pool.free_slots(), allocator.available_size())
     conversations = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(3)]
     for step in range(30):
         # Up to three requests in flight at once: shared prefixes insert duplicates.
@@ -156,7 +156,7 @@ def test_random_multi_turn_traces_reuse_only_earlier_tokens_and_free_everything(
     assert cache.protected_size() == 0
     cache.evict(EvictParams(num_tokens=10**9))
     assert cache.evictable_size() == 0 and cache.total_size() == 0
-    assert (allocator.pool.free_slots(), allocator.logical_available_size()) == start, (
+    assert (allocator.pool.free_slots(), allocator.available_size()) == start, (
         f"seed {seed}: free counts {allocator.pool.free_slots()} after evicting everything, "
         f"started at {start[0]}"
     )
@@ -309,15 +309,40 @@ def test_a_request_keeps_its_own_slots_when_the_cached_ones_cost_more():
     req = unfinished_req(cache, allocator, tokens, 2)  # the same 40 tokens, one segment
     theirs = allocator.group_counts(match(cache, tokens).device_indices).tolist()
     mine = allocator.group_counts(req.own).tolist()
-    room = allocator.room(cache.evictable_group_slots())
+    room = allocator.budget.room(allocator.pool.free_slots(), cache.evictable_group_slots())
     cache.cache_unfinished_req(req)
     assert torch.equal(req.prefix_indices, req.own), (
         f"seed {seed}: the request adopted cached slots costing {theirs} for its own {mine}"
     )
-    after = allocator.room(cache.evictable_group_slots())
+    after = allocator.budget.room(allocator.pool.free_slots(), cache.evictable_group_slots())
     assert all(a >= b for a, b in zip(after, room, strict=True)), (
         f"seed {seed}: caching the request shrank the room from {room} to {after}"
     )
     cache.cache_finished_req(req, kv_len_to_handle=len(tokens))
     allocator.release_row(2)
     assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"
+
+
+def test_the_start_up_self_test_passes_and_names_a_drifting_or_missing_override(monkeypatch):
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    from tangram_sglang import radix
+
+    assert radix.self_test() == [], radix.self_test()
+    monkeypatch.setattr(
+        TangramRadixCache,
+        "_split_node",
+        lambda self, key, child, n: RadixCache._split_node(self, key, child, n),
+    )  # SGLang renamed the hook point: our bookkeeping no longer runs on a split
+    problems = radix.self_test()
+    assert problems and "RadixCache._split_node" in problems[0], problems
+    monkeypatch.undo()
+    monkeypatch.delattr(RadixCache, "_delete_leaf")
+    assert radix.override_problems() == [
+        "SGLang's RadixCache._delete_leaf is gone (tangram-sglang overrides it)"
+    ]
+    monkeypatch.undo()
+    monkeypatch.setattr(RadixCache, "dec_lock_ref", lambda self, node, params, extra: None)
+    assert any(
+        "dec_lock_ref takes (self, node, params, extra)" in p for p in radix.override_problems()
+    )

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pool_rows import fill_row, set_row, take_pages
 
 from tangram_sglang.budget import pages
 from tangram_sglang.pool import RaggedPool
@@ -35,10 +36,11 @@ def grouped_profile(
 
 
 def filled_pool(rng, gen, profile, lengths, page_size):
-    """A pool where request b holds `lengths[b]` tokens in every group, written in two
-    interleaved reservations after a scratch row took a different amount per group (so
-    slot numbers differ between groups and between a request's chunks). Returns the pool,
-    the rows and the dense K/V per request `[layer][b] -> [n, Hkv, D]`."""
+    """A pool where request b holds `lengths[b]` tokens in every group, in two chunks of
+    pages (every request's first chunk is taken before any second one) after scratch
+    pages took a different amount per group (so slot numbers differ between groups and
+    between a request's chunks). Returns the pool, the rows and the dense K/V per request
+    `[layer][b] -> [n, Hkv, D]`."""
     m = profile.model
     G = profile.num_groups
     need = sum(pages(n, page_size) + 1 for n in lengths) * page_size
@@ -51,15 +53,17 @@ def filled_pool(rng, gen, profile, lengths, page_size):
         max(lengths + [8 * page_size]) + page_size,
         page_size,
     )
-    scratch = pool.alloc_row()
-    pool.reserve(scratch, [page_size * int(rng.integers(0, 8)) for _ in range(G)])
-    rows = [pool.alloc_row() for _ in lengths]
+    for g in range(G):
+        take_pages(pool, g, page_size * int(rng.integers(0, 8)))  # scratch
+    rows = list(range(1, len(lengths) + 1))
     first = [page_size * int(rng.integers(0, pages(n, page_size) + 1)) for n in lengths]
-    for row, c in zip(rows, first, strict=True):
-        pool.reserve(row, [c] * G)
-    for row, n, c in zip(rows, lengths, first, strict=True):
-        pool.reserve(row, [pages(n, page_size) * page_size - c] * G)
-    pool.release(scratch)
+    chunks = [[take_pages(pool, g, c) for g in range(G)] for c in first]
+    for b, (n, c) in enumerate(zip(lengths, first, strict=True)):
+        for g in range(G):
+            rest = take_pages(pool, g, pages(n, page_size) * page_size - c)
+            chunks[b][g] = torch.cat((chunks[b][g], rest))[:n]
+    for row, slots in zip(rows, chunks, strict=True):
+        set_row(pool, row, slots)
     kv = [
         [
             (
@@ -70,11 +74,9 @@ def filled_pool(rng, gen, profile, lengths, page_size):
         ]
         for _ in range(m.num_layers)
     ]
-    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        slots = pool.next_slots(row, [n] * G)
+    for b, slots in enumerate(chunks):
         for layer in range(m.num_layers):
             pool.write_tokens(layer, slots, *kv[layer][b])
-        pool.append(row, [n] * G)
     return pool, rows, kv
 
 
@@ -189,17 +191,14 @@ def test_each_head_attends_over_exactly_the_tokens_its_group_kept(seed, gqa):
     v = torch.randn(m.num_layers, n, m.num_kv_heads, m.head_dim, generator=gen, dtype=F64)
     kept = [np.sort(rng.permutation(n)[: int(rng.integers(0, n + 1))]) for _ in range(G)]
     pool = RaggedPool(profile, [n] * G, F64, "cpu", 2, n, 1)
-    row = pool.alloc_row()
-    counts = [len(t) for t in kept]
-    pool.reserve(row, counts)
-    slots = pool.next_slots(row, counts)
+    row = 1
+    slots = fill_row(pool, row, [len(t) for t in kept])
     for layer in range(m.num_layers):
         for g in range(G):
             heads = list(pool.heads_in(g, layer))
             if heads:
                 idx = torch.as_tensor(kept[g], dtype=torch.long)
                 pool.write(layer, g, slots[g], k[layer][idx][:, heads], v[layer][idx][:, heads])
-    pool.append(row, counts)
     scale = 0.3
     for layer in range(m.num_layers):
         q = torch.randn(1, m.num_q_heads, m.head_dim, generator=gen, dtype=F64)

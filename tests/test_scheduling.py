@@ -1,13 +1,14 @@
 """Budget Reservation through SGLang's own scheduling steps: chunked prefill, cached
-prefixes that leave no room, abort and retraction.
+prefixes that leave no room, decode top-ups, abort and retraction.
 
 `MiniScheduler` runs the steps of SGLang's `Scheduler` on real SGLang objects with the
 plugin's hooks applied: `Req`, our `PrefillAdder` (`add_chunked_req` first, then
 `add_one_req` per waiting request), `alloc_req_slots` (binds reservations), the `tangram`
 radix cache (`cache_unfinished_req` between chunks and after prefill) and
-`release_kv_cache` (finish, abort, retraction). Only the forward is left out: allocation
-calls `TangramAllocator.begin_extend` / `begin_decode` as the allocation hooks do, and
-sampled tokens are random.
+`release_kv_cache` (finish, abort, retraction), and `ScheduleBatch.check_decode_mem` (our
+per-group hook) before each decode step, retracting as `retract_decode` does while it
+fails. Only the forward is left out: allocation calls `TangramAllocator.begin_extend` /
+`begin_decode` as the allocation hooks do, and sampled tokens are random.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from tangram_sglang.patches.invariants import idle_problems, pool_leaks
 from test_admission import make_req, plugin_hooks  # noqa: F401  (the fixture)
 from test_allocator import RULE
 
-from tangram_sglang.admission import ChunkPlan, turn_need
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool
 from tangram_sglang.budget import kept_tokens
 from tangram_sglang.layout import PoolLayout
 from tangram_sglang.pool import RaggedPool
 from tangram_sglang.profile import ModelIdentity
 from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.reservation import ChunkPlan, prompt_need
 from tangram_sglang.synthetic import synthetic_profile
 
 VOCAB = 200
@@ -72,12 +73,14 @@ class MiniScheduler:
     step of the running requests. It records, per request, what admission reserved and
     what allocation used, and checks every chunk against the row's reservation."""
 
-    def __init__(self, cache, allocator, chunk_size, rng):
+    def __init__(self, cache, allocator, chunk_size, rng, new_token_ratio=1.0):
         self.cache, self.allocator, self.chunk_size, self.rng = cache, allocator, chunk_size, rng
+        self.new_token_ratio = new_token_ratio  # SGLang's estimate of a running request's decode
         self.waiting, self.running, self.chunked, self.done = [], [], None, []
         self.reserved_at_admission, self.used = {}, {}
         self.chunks = {}  # rid -> extend lengths, in order
         self.settled = []  # reservation changes at continuation chunks (none expected)
+        self.retracted = []  # rids, once per retraction
 
     def submit(self, req):
         """A request arrives: SGLang clips its decode budget, and our hook aborts it (a
@@ -106,21 +109,21 @@ class MiniScheduler:
         if self.chunked is not None:  # stash_chunked_request
             self.cache.cache_unfinished_req(self.chunked, chunked=True)
         adder = PrefillAdder(
-            1, self.cache, self.allocator, SimpleNamespace(reqs=list(self.running)), 1.0,
-            10**9, self.chunk_size,
+            1, self.cache, self.allocator, SimpleNamespace(reqs=list(self.running)),
+            self.new_token_ratio, 10**9, self.chunk_size,
         )  # fmt: skip
         if self.chunked is not None:
             self.chunked.init_next_round_input()
-            row_before = self.allocator.row_reserved[:, self.chunked.req_pool_idx].clone()
+            row_before = self.budget.row_reserved[:, self.chunked.req_pool_idx].clone()
             continuing = self.chunked
             self.chunked = adder.add_chunked_req(self.chunked)
-            change = self.allocator.row_reserved[:, continuing.req_pool_idx] - row_before
+            change = self.budget.row_reserved[:, continuing.req_pool_idx] - row_before
             self.settled.append(change.tolist())
         for req in self.waiting:
             req.init_next_round_input(self.cache)
             result = adder.add_one_req(req, self.chunked is not None, None)
             if adder.can_run_list and adder.can_run_list[-1] is req:
-                pending = self.allocator.pending.get(req.rid, [0] * self.groups)
+                pending = self.budget.pending.get(req.rid, [0] * self.groups)
                 self.reserved_at_admission[req.rid] = list(pending)
             if result != AddReqResult.CONTINUE:
                 break
@@ -140,6 +143,10 @@ class MiniScheduler:
     def groups(self) -> int:
         return self.allocator.pool.num_groups
 
+    @property
+    def budget(self):
+        return self.allocator.budget
+
     def _evict(self, n: int) -> None:
         self.cache.evict(EvictParams(num_tokens=n))
 
@@ -157,7 +164,7 @@ class MiniScheduler:
             table[row, start:end] = logical.to(torch.int32)
             prefixes.append(req.prefix_indices)
             new.append(logical)
-        before = self.allocator.row_reserved[:, rows].clone()
+        before = self.budget.row_reserved[:, rows].clone()
         state = self.allocator.begin_extend(rows, prefixes, new, self._evict)
         for i, (req, segment) in enumerate(zip(batch, state.segments, strict=True)):
             kept = torch.tensor(segment.kept)
@@ -181,6 +188,23 @@ class MiniScheduler:
                 self.running.append(req)
 
     def _decode(self) -> None:
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+        def fits() -> bool:
+            batch = SimpleNamespace(
+                token_to_kv_pool_allocator=self.allocator,
+                tree_cache=self.cache,
+                reqs=self.running,
+                new_tokens_required_next_decode=lambda selected=None: len(self.running),
+            )
+            return ScheduleBatch.check_decode_mem(batch)
+
+        while not fits():  # retract_decode: the request with the fewest outputs first
+            victim = min(self.running, key=lambda r: len(r.output_ids))
+            if len(self.running) == 1:
+                raise AssertionError(f"{victim.rid} alone cannot decode: admission over-promised")
+            self.retract(victim)
+            self.retracted.append(victim.rid)
         table = self.cache.req_to_token_pool.req_to_token
         rows = [r.req_pool_idx for r in self.running]
         new = self.allocator.alloc(len(rows))
@@ -188,7 +212,6 @@ class MiniScheduler:
             table[req.req_pool_idx, req.kv_committed_len] = int(slot)
         self.allocator.begin_decode(rows, new, self._evict)
         for req in list(self.running):
-            self._use(req, torch.ones(self.groups, dtype=torch.int64))
             req.kv_committed_len += 1
             req.kv.kv_allocated_len += 1
             req.output_ids.append(self.rng.randrange(VOCAB))
@@ -224,11 +247,12 @@ class MiniScheduler:
 
     def assert_idle_and_clean(self, start, seed) -> None:
         allocator, cache = self.allocator, self.cache
-        assert allocator.reserved() == (0,) * self.groups and allocator.pending == {}, (
-            f"seed {seed}: idle with {allocator.reserved()} still reserved"
+        budget = allocator.budget
+        assert budget.reserved() == (0,) * self.groups and budget.pending == {}, (
+            f"seed {seed}: idle with {budget.reserved()} still reserved"
         )
-        assert allocator.overdrawn.tolist() == [0] * self.groups, (
-            f"seed {seed}: allocation went beyond reservations by {allocator.overdrawn}"
+        assert budget.overdrawn.tolist() == [0] * self.groups, (
+            f"seed {seed}: an extend went beyond its reservation by {budget.overdrawn}"
         )
         assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"
         assert idle_problems(allocator, cache) == [], (
@@ -274,10 +298,9 @@ def test_chunk_plan_needs_what_sglangs_chunking_keeps(rest, first, size, ratio):
     chunks = [n for n in chunks if n]
     pieces = [n for n, count in plan.pieces(rest) for _ in range(count) if n]
     assert pieces == chunks, f"plan {plan} cuts {rest} into {pieces}, SGLang into {chunks}"
-    allocator = SimpleNamespace(ratios=(ratio,), rule=RULE)
     kept = sum(kept_tokens(n, ratio, RULE) for n in chunks)
-    assert turn_need(rest, 7, allocator, plan) == (kept + 7,), (
-        f"plan {plan}: need {turn_need(rest, 7, allocator, plan)}, chunks keep {kept} + 7"
+    assert prompt_need(rest, (ratio,), RULE, plan) == (kept,), (
+        f"plan {plan}: need {prompt_need(rest, (ratio,), RULE, plan)}, chunks keep {kept}"
     )
 
 
@@ -285,8 +308,8 @@ def test_chunk_plan_needs_what_sglangs_chunking_keeps(rest, first, size, ratio):
 def test_chunked_prefill_reserves_every_chunk_at_admission_and_leaks_nothing(chunk_size):
     """Long prompts, several requests at once, chunk size 16 or 64, a compressed
     three-group profile: every chunk fits what its row still reserves, admission reserved
-    exactly what the request then used plus its unused decode budget, the continuation
-    chunks never change a reservation, and the pools return to their start."""
+    exactly what the request's chunks then used, the continuation chunks never change a
+    reservation, and the pools return to their start."""
     seed = random.randrange(10_000)
     rng = random.Random(seed)
     cache, allocator = make_cache(seed, slots=rng.randint(400, 900))
@@ -302,13 +325,9 @@ def test_chunked_prefill_reserves_every_chunk_at_admission_and_leaks_nothing(chu
     for req in sched.done:
         reserved = sched.reserved_at_admission[req.rid]
         used = sched.used[req.rid].tolist()
-        budget = 0 if req.to_finish is not None else req.sampling_params.max_new_tokens
-        unused_decode = budget - (len(req.output_ids) - 1)  # the prefill samples the first
-        assert [r - u for r, u in zip(reserved, used, strict=True)] == [unused_decode] * len(
-            used
-        ), (
+        assert reserved == used, (
             f"seed {seed}: {req.rid} (chunks {sched.chunks[req.rid]}) reserved {reserved}, "
-            f"used {used}: the difference must be its {unused_decode} unused decode slots"
+            f"its chunks used {used}"
         )
     chunked = [rid for rid, chunks in sched.chunks.items() if len(chunks) > 1]
     assert chunked, f"seed {seed}: no request was chunked"
@@ -332,7 +351,7 @@ def test_abort_between_chunks_and_retraction_release_exactly():
     assert sched.chunked is not None and sched.chunked.rid == "long", f"seed {seed}: setup"
     row = sched.chunked.req_pool_idx
     sched.abort_chunked()
-    assert allocator.row_reserved[:, row].tolist() == [0] * sched.groups, (
+    assert allocator.budget.row_reserved[:, row].tolist() == [0] * sched.groups, (
         f"seed {seed}: the aborted chunked request's row still reserves slots"
     )
     while not sched.running:
@@ -341,13 +360,39 @@ def test_abort_between_chunks_and_retraction_release_exactly():
     victim = rng.choice(sched.running)
     row = victim.req_pool_idx
     sched.retract(victim)
-    assert allocator.row_reserved[:, row].tolist() == [0] * sched.groups, (
+    assert allocator.budget.row_reserved[:, row].tolist() == [0] * sched.groups, (
         f"seed {seed}: the retracted request's row still reserves slots"
     )
     run_until_idle(sched)
     assert len(victim.output_ids) == victim.sampling_params.max_new_tokens, (
         f"seed {seed}: the retracted request did not finish after re-admission"
     )
+    sched.assert_idle_and_clean(start, seed)
+
+
+def test_decode_beyond_the_estimate_evicts_then_retracts_and_every_request_finishes():
+    """SGLang's optimistic decode estimate (new_token_ratio 0.1 for running requests)
+    admits more than the pools can decode to the end: each decode step tops up one slot
+    per group, evicting first, then retracting through the per-group check; retracted
+    requests come back, finish with every token, and the pools return to their start."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=rng.randint(300, 450))
+    start = allocator.pool.free_slots()
+    sched = MiniScheduler(cache, allocator, None, rng, new_token_ratio=0.1)
+    for i in range(8):
+        sched.submit(
+            make_req(f"r{i}", random_tokens(rng, rng.randint(5, 40)), rng.randint(60, 120))
+        )
+    run_until_idle(sched, limit=5_000)
+    assert sched.retracted, f"seed {seed}: the setup never ran short (no retraction)"
+    for req in sched.done:
+        assert (
+            req.to_finish is None and len(req.output_ids) == req.sampling_params.max_new_tokens
+        ), (
+            f"seed {seed}: {req.rid} ended with {len(req.output_ids)} of "
+            f"{req.sampling_params.max_new_tokens} tokens ({req.to_finish})"
+        )
     sched.assert_idle_and_clean(start, seed)
 
 
@@ -374,8 +419,9 @@ def test_a_request_whose_cached_prefix_leaves_no_room_recomputes_it_instead_of_w
     run_until_idle(sched)
     prompt = list(turn1.origin_input_ids) + list(turn1.output_ids) + random_tokens(rng, 10)
     held = cached_slots(cache, prompt)  # turn 1 but its last answer token: 11 new tokens
-    with_prefix = [h + n for h, n in zip(held, turn_need(11, 0, allocator), strict=True)]
-    alone = turn_need(len(prompt), 0, allocator, ChunkPlan.whole_chunks(chunk_size))
+    budget = allocator.budget
+    with_prefix = [h + n for h, n in zip(held, budget.prompt_need(11), strict=True)]
+    alone = budget.prompt_need(len(prompt), ChunkPlan.whole_chunks(chunk_size))
     lo = min(s - w for s, w in zip(allocator.pool.slots, with_prefix, strict=True)) + 1
     hi = min(s - a for s, a in zip(allocator.pool.slots, alone, strict=True))
     assert 0 < lo <= hi, (
@@ -386,7 +432,7 @@ def test_a_request_whose_cached_prefix_leaves_no_room_recomputes_it_instead_of_w
     admitted = sched.step()
     assert turn2 in admitted, (
         f"seed {seed}: with {held} history slots locked the request needs "
-        f"{turn_need(11, turn2.sampling_params.max_new_tokens, allocator)} of "
+        f"{budget.need(11, turn2.sampling_params.max_new_tokens)} of "
         f"{allocator.pool.slots}; recomputed it needs "
         f"{[a + turn2.sampling_params.max_new_tokens for a in alone]}, yet it was not "
         "admitted on an idle server"
@@ -432,10 +478,10 @@ def test_idle_check_names_a_leftover_reservation_and_a_drifted_count():
     sched.submit(make_req("a", random_tokens(rng, 30), 3))
     run_until_idle(sched)
     assert idle_problems(allocator, cache) == [], f"seed {seed}: {idle_problems(allocator, cache)}"
-    allocator.reserve("ghost", [1] * sched.groups)
+    allocator.budget.reserve("ghost", [1] * sched.groups)
     problems = idle_problems(allocator, cache)
     assert len(problems) == 1 and "1 unbound request(s) reserve" in problems[0], problems
-    allocator.drop_pending("ghost")
+    allocator.budget.drop_stale(())
     cache._evictable_slots[0] += 1  # a drift; the check walks on the next tree edit
     assert idle_problems(allocator, cache) == [], "walked again without a tree edit"
     cache.evict(EvictParams(num_tokens=1))

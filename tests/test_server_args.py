@@ -370,3 +370,15 @@ def test_a_bad_graph_switch_is_refused_naming_it(model_dir, profile_file, monkey
     monkeypatch.setenv("TANGRAM_CUDA_GRAPH", random.choice(["yes", "off", "2"]))
     with pytest.raises(ValueError, match="TANGRAM_CUDA_GRAPH="):
         parse(_compressed(model_dir, profile_file, "cuda"))
+
+
+def test_a_radix_cache_that_fails_its_self_test_refuses_compression(model_dir, monkeypatch):
+    from tangram_sglang.patches import server_args as touchpoint
+
+    problem = "SGLang's RadixCache._split_node takes (self, key, child), tangram-sglang's ..."
+    monkeypatch.setattr(touchpoint, "radix_self_test", lambda: [problem])
+    with pytest.raises(ConfigError) as refused:
+        parse(_base(model_dir) + ["--kv-compression", "uniform", "--tangram-ratio", "0.5"])
+    assert "the tangram radix cache does not fit this SGLang" in str(refused.value)
+    assert problem in str(refused.value)
+    assert parse(_base(model_dir)).attention_backend != "tangram", "flag off must stay stock"

@@ -1,5 +1,5 @@
-"""write_selected: each head's kept tokens land in its group's reserved slots, nothing else
-changes, and attention then sees exactly the kept tokens."""
+"""write_selected: each head's kept tokens land in its group's slots for the segment,
+nothing else changes, and attention then sees exactly the kept tokens."""
 
 import math
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pool_rows import fill_row, take_pages
 
 from tangram_sglang.budget import BudgetRule, kept_tokens, pages
 from tangram_sglang.compress.write import write_selected
@@ -20,8 +21,10 @@ F64 = torch.float64
 
 
 def compressed_segment(seed: int, gqa: int = 2, page_size: int = 1):
-    """A pool with one row that reserved one segment's budget per group, the segment's
-    K/V, and a random selection of exactly kept_g(T) tokens per head."""
+    """A pool with one row holding one segment's kept_g(T) fresh slots per group (whole
+    pages, as the row's table and lengths stand during the segment's forward), the
+    segment's K/V, and a random selection of exactly kept_g(T) tokens per head. Returns
+    the pool, the row, its slots per group, K, V, the selection and kept_g(T)."""
     gen = torch.Generator().manual_seed(seed)
     model = ModelIdentity("test", 3, 4 * gqa, 4, 8, f"w{seed}")
     profile = synthetic_profile(model, 0.3, spread=0.8, seed=seed, max_groups=3)
@@ -33,10 +36,10 @@ def compressed_segment(seed: int, gqa: int = 2, page_size: int = 1):
     pool = RaggedPool(layout, [2 * s + 4 * page_size for s in slots], F64, "cpu", 2, 64, page_size)
     for storage in pool.k_storage + pool.v_storage:
         storage.fill_(float("nan"))  # poison: anything not written stays NaN
-    other = pool.alloc_row()  # another row's reservation shifts this row's slots
-    pool.reserve(other, [page_size * int(torch.randint(0, 4, (), generator=gen)) for _ in slots])
-    row = pool.alloc_row()
-    pool.reserve(row, slots)
+    for g in range(len(slots)):  # another request's pages shift this row's slots
+        take_pages(pool, g, page_size * int(torch.randint(0, 4, (), generator=gen)))
+    row = 2
+    group_slots = fill_row(pool, row, kept)
     k = torch.randn(model.num_layers, T, 4, 8, generator=gen, dtype=F64)
     v = torch.randn(model.num_layers, T, 4, 8, generator=gen, dtype=F64)
     selected = [
@@ -46,15 +49,14 @@ def compressed_segment(seed: int, gqa: int = 2, page_size: int = 1):
         ]
         for layer in range(model.num_layers)
     ]
-    return pool, row, k, v, selected, kept
+    return pool, row, group_slots, k, v, selected, kept
 
 
 @given(seed=st.integers(0, 2**31), page_size=st.sampled_from([1, 4]))
 @settings(max_examples=25, deadline=None)
 def test_write_selected_places_exactly_the_selected_rows(seed, page_size):
-    pool, row, k, v, selected, kept = compressed_segment(seed, page_size=page_size)
+    pool, row, group_slots, k, v, selected, kept = compressed_segment(seed, page_size=page_size)
     layout = pool.layout
-    group_slots = pool.next_slots(row, kept)
     for layer in range(layout.num_layers):
         write_selected(pool, layer, row, k[layer], v[layer], selected[layer], group_slots)
     for layer in range(layout.num_layers):
@@ -79,9 +81,8 @@ def test_write_selected_places_exactly_the_selected_rows(seed, page_size):
 @given(seed=st.integers(0, 2**31))
 @settings(max_examples=15, deadline=None)
 def test_write_selected_rejects_a_head_that_kept_a_different_count(seed):
-    pool, row, k, v, selected, kept = compressed_segment(seed)
+    pool, row, group_slots, k, v, selected, kept = compressed_segment(seed)
     layout = pool.layout
-    group_slots = pool.next_slots(row, kept)
     layer = seed % layout.num_layers
     T = k.shape[1]
     h = next((h for h in range(layout.num_kv_heads) if len(selected[layer][h]) < T), None)
@@ -102,12 +103,10 @@ def test_write_selected_rejects_a_head_that_kept_a_different_count(seed):
 @given(seed=st.integers(0, 2**31), gqa=st.sampled_from([1, 2, 4, 8]))
 @settings(max_examples=15, deadline=None)
 def test_after_write_selected_each_head_attends_over_its_selected_tokens(seed, gqa):
-    pool, row, k, v, selected, kept = compressed_segment(seed, gqa=gqa)
+    pool, row, group_slots, k, v, selected, kept = compressed_segment(seed, gqa=gqa)
     layout = pool.layout
-    group_slots = pool.next_slots(row, kept)
     for layer in range(layout.num_layers):
         write_selected(pool, layer, row, k[layer], v[layer], selected[layer], group_slots)
-    pool.append(row, kept)
     gen = torch.Generator().manual_seed(seed + 1)
     scale = 1 / math.sqrt(8)
     for layer in range(layout.num_layers):

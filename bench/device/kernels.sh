@@ -72,7 +72,7 @@ tests() {  # tests LABEL TIMEOUT PYTEST-ARGS...
 }
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${SKIP_MAIN_TESTS:-0}" != 1 ]; then
   tests main "${TEST_TIMEOUT_S:-200}" "$REPO/tests/test_kernels.py" \
-    "$REPO/tests/test_plan.py" -k "${TEST_K:-not flashinfer}"
+    "$REPO/tests/test_aot_plan.py" -k "${TEST_K:-not flashinfer}"
 fi
 
 say "== benchmark (all points; ours, replan, full-KV baselines)"

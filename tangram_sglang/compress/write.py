@@ -1,4 +1,4 @@
-"""Write a layer's kept new tokens into its head groups' reserved slots.
+"""Write a layer's kept new tokens into the group slots allocated for their segment.
 
 All heads of a group keep the same number of tokens (the group's budget, `kept_g(n)`)
 but not the same tokens: the i-th kept token of head h goes to the i-th slot of its
@@ -25,7 +25,8 @@ def write_selected(
     group_slots: Sequence[torch.Tensor],
 ) -> None:
     """Gather each kv head's `selected` tokens of `k_new`/`v_new` `[T, Hkv, D]` into
-    `group_slots[g]` (the row's reserved slots, e.g. `pool.next_slots(row, kept)`).
+    `group_slots[g]` (the segment's group slots, e.g. `ExtendSegment.slots` as
+    `TangramAllocator.begin_extend` allocated them).
 
     Raises ValueError naming layer, group and head if a member head kept a different
     number of tokens than its group has slots.

@@ -47,7 +47,8 @@ NO_PLUGINS = "none-stock-sglang"  # an SGLANG_PLUGINS whitelist that matches no 
 
 @dataclass(frozen=True)
 class Launch:
-    """One server: flags on top of CPU_ARGS, whether plugins load, the attention backend.
+    """One server: flags on top of CPU_ARGS, whether plugins load, the attention backend,
+    extra environment variables.
 
     `attention` torch_native is SGLang's CPU backend (naming it also turns CUDA graphs
     off); None leaves the choice to the flags, e.g. to `--kv-compression`.
@@ -56,6 +57,7 @@ class Launch:
     args: Sequence[str] = ()
     plugins: bool = True
     attention: str | None = "torch_native"
+    env: Sequence[tuple[str, str]] = ()
 
 
 @dataclass
@@ -93,7 +95,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_env(plugins: bool) -> dict[str, str]:
+def server_env(plugins: bool, extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
     env.pop("SGLANG_USE_CPU_ENGINE", None)  # set, SGLang imports sgl_kernel CPU ops
@@ -101,6 +103,7 @@ def server_env(plugins: bool) -> dict[str, str]:
     env.pop("SGLANG_PLUGINS", None)
     if not plugins:
         env["SGLANG_PLUGINS"] = NO_PLUGINS
+    env.update(extra)
     return env
 
 
@@ -118,7 +121,7 @@ def start(model_dir: Path, log_path: Path, launch: Launch) -> Server:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, env=server_env(launch.plugins), stdout=log, stderr=subprocess.STDOUT
+            cmd, env=server_env(launch.plugins, launch.env), stdout=log, stderr=subprocess.STDOUT
         )
     return Server(proc, f"http://127.0.0.1:{port}", log_path)
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from tangram_sglang.aot_plan import DEFAULT_BUCKETS, SPLITS_LIMIT, AotPlan, PlanError
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.plan import DEFAULT_BUCKETS, SPLITS_LIMIT, AotPlan, PlanError
 from tangram_sglang.profile import ModelIdentity, uniform_profile
 
 

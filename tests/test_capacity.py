@@ -9,8 +9,8 @@ import pytest
 
 from tangram_sglang.__main__ import main
 from tangram_sglang.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.capacity import capacity_plan, serving_sessions
 from tangram_sglang.layout import PoolLayout
-from tangram_sglang.planner import capacity_plan, serving_sessions
 from tangram_sglang.profile import ModelIdentity, Profile, uniform_profile
 from tangram_sglang.synthetic import synthetic_profile
 

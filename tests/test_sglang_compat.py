@@ -1,0 +1,119 @@
+"""SGLang 0.5.17's own unit tests as a compatibility gate: with the plugin loaded and
+`--kv-compression` absent, every file of `../shared/sglang-0.5.17-tests/` must give the
+same outcome per test as stock SGLang (no plugin) in the same environment.
+
+Each file runs in its own pytest process (some reload SGLang modules), once stock and once
+with `tangram_sglang.plugin.register()` first, from a copy of the suite with a `python/`
+folder pointing at the installed `sglang` (one file scans SGLang's source tree there).
+Skipped, saying so, where `../shared` is absent (outside this project's workspace).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tangram_sglang.cpu.server import SHIMS
+
+pytestmark = pytest.mark.server  # slow: ~60 short pytest processes
+
+SUITE = Path(__file__).resolve().parents[2] / "shared" / "sglang-0.5.17-tests"
+RUN = """
+import sys, pytest
+if sys.argv[1] == "plugin":
+    from tangram_sglang import plugin
+    plugin.register()
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    assert HookRegistry._hooks, "the plugin registered no hook"
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-c", "pytest.ini", "--rootdir", ".",
+                      "--junitxml", sys.argv[2], sys.argv[3]]))
+"""
+
+
+def _outcomes(junit: Path) -> dict[str, str]:
+    """Test id -> passed / failed / skipped, from a JUnit XML report."""
+    if not junit.exists():
+        return {}
+    outcomes = {}
+    for case in ET.parse(junit).iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcomes[name] = (
+            "failed"
+            if kinds & {"failure", "error"}
+            else "skipped"
+            if "skipped" in kinds
+            else "passed"
+        )
+    return outcomes
+
+
+def _run(root: Path, file: str, mode: str) -> tuple[int, dict[str, str], str]:
+    junit = root / "reports" / f"{mode}-{file.replace('/', '_')}.xml"
+    env = dict(os.environ, SGLANG_TEST_MAX_RETRY="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
+    env.pop("SGLANG_PLUGINS", None)
+    if mode == "stock":
+        env["SGLANG_PLUGINS"] = "none-stock-sglang"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, mode, str(junit), file],
+        cwd=root / "tests",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, _outcomes(junit), (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    if not SUITE.is_dir():
+        pytest.skip(f"SGLang's own tests are not here ({SUITE} is absent): gate not run")
+    import sglang
+
+    root = tmp_path_factory.mktemp("sglang-suite")
+    shutil.copytree(SUITE, root / "tests")
+    (root / "python").mkdir()
+    (root / "python" / "sglang").symlink_to(Path(sglang.__file__).parent)
+    (root / "reports").mkdir()
+    return root
+
+
+def test_the_plugin_with_compression_off_leaves_sglangs_own_tests_as_stock(suite):
+    files = sorted(
+        str(p.relative_to(suite / "tests")) for p in (suite / "tests").rglob("test_*.py")
+    )
+    jobs = [(f, mode) for f in files for mode in ("stock", "plugin")]
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(jobs, pool.map(lambda job: _run(suite, *job), jobs), strict=True))
+    differences, totals = [], {"passed": 0, "failed": 0, "skipped": 0}
+    for file in files:
+        (_, stock, stock_log), (_, plugin, plugin_log) = (
+            results[(file, "stock")],
+            results[(file, "plugin")],
+        )
+        if not stock or not plugin:
+            differences.append(
+                f"{file}: no report (stock {len(stock)}, plugin {len(plugin)}):\n"
+                f"{(plugin_log if stock else stock_log)[-1500:]}"
+            )
+            continue
+        for test in sorted(stock.keys() | plugin.keys()):
+            if stock.get(test) != plugin.get(test):
+                differences.append(
+                    f"{file}::{test}: stock {stock.get(test)}, plugin {plugin.get(test)}"
+                    f"\n{plugin_log[-1500:]}"
+                )
+        for outcome in plugin.values():
+            totals[outcome] += 1
+    print(f"SGLang's own tests with the plugin loaded, flag off: {totals} over {len(files)} files")
+    assert not differences, "\n".join(differences)
+    assert totals["passed"] > 400, f"too few of SGLang's tests ran: {totals}"
