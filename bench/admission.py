@@ -12,8 +12,8 @@ several times fewer.
 The reference model (SmolLM2-135M-Instruct) answers short questions; a probe on the stock
 server measures each real answer length L, then every request is sent at once to each
 server with `max_tokens = FACTOR * L` on the same small pool (`--max-total-tokens`). Per
-server: peak running requests (SGLang's decode log lines), retractions, wall time, and
-whether every answer matched the probe's length. Writes
+server: peak and mean running requests (a log line per decode step), retracted requests,
+wall time, and whether every answer matched the probe's length. Writes
 `bench/results/admission-<date>.{json,md}`.
 
     .venv/bin/python bench/admission.py [--requests 24] [--factor 4] [--max-total-tokens 3072]
@@ -67,10 +67,11 @@ def load(server, topics: list[str], budgets: list[int]) -> dict:
     wall = time.perf_counter() - start
     log = server.log()[mark:]
     running = [int(n) for n in re.findall(r"Decode batch, #running-req: (\d+)", log)]
+    retractions = sum(int(n) for n in re.findall(r"#retracted_reqs: (\d+)", log))
     return {
         "peak_running": max(running, default=0),
         "mean_running": round(sum(running) / len(running), 2) if running else 0,
-        "retraction_lines": len(re.findall(r"retract", log, re.I)),
+        "retracted_reqs": retractions,
         "wall_s": round(wall, 1),
         "lengths": lengths,
     }
@@ -90,7 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     model = smollm2.build()
     topics = [TOPICS[i % len(TOPICS)] for i in range(args.requests)]
-    pool = ("--max-total-tokens", str(args.max_total_tokens), "--max-running-requests", "64")
+    pool = (
+        "--max-total-tokens", str(args.max_total_tokens), "--max-running-requests", "64",
+        "--decode-log-interval", "1",  # a log line per decode step: the running count
+    )  # fmt: skip
     launches = {
         "stock": Launch(pool, plugins=False),
         "tangram-1.0": Launch(
@@ -130,12 +134,12 @@ def main() -> None:
         json.dumps({"summary": summary, "servers": results}, indent=1) + "\n"
     )
     rows = "\n".join(
-        f"| {name} | {r['peak_running']} | {r['mean_running']} | {r['retraction_lines']} | "
+        f"| {name} | {r['peak_running']} | {r['mean_running']} | {r['retracted_reqs']} | "
         f"{r['wall_s']} | {r['answers_as_probed']}/{args.requests} |"
         for name, r in results.items()
     )
     table = (
-        "| server | peak running | mean running (decode steps) | retraction log lines | wall s "
+        "| server | peak running | mean running (decode steps) | retracted requests | wall s "
         "| answers as probed |\n|---|---|---|---|---|---|\n" + rows
     )
     args.out.with_suffix(".md").write_text(

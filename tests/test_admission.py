@@ -227,6 +227,21 @@ def test_admission_counts_evictable_tree_slots_but_not_locked_ones():
     cache.dec_lock_ref(lock)
 
 
+def quarter_tree(seed: int, slots: int, width: int):
+    """A radix tree over one head group at ratio 0.25 (`slots` slots, rows `width` wide)."""
+    model = ModelIdentity("test", 2, 8, 4, 4, f"q{seed}")
+    layout = PoolLayout.from_profile(uniform_profile(model, 0.25))
+    pool = RaggedPool(layout, [slots], torch.float32, "cpu", 8, width)
+    allocator = TangramAllocator(4_000, TangramKVPool(pool, 4_000), RULE)
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=ReqToTokenPool(8, width, "cpu", False),
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+    )
+    return TangramRadixCache(params), allocator
+
+
 def test_an_extend_evicts_only_each_groups_shortfall_and_keeps_cache_hits():
     """SGLang evicts `need - available_size()` raw tokens before an extend. When that was
     the scarcest group's free count, an extend of n raw tokens evicted n - min(free) cached
@@ -236,19 +251,7 @@ def test_an_extend_evicts_only_each_groups_shortfall_and_keeps_cache_hits():
 
     seed = random.randrange(10_000)
     rng = random.Random(seed)
-    model = ModelIdentity("test", 2, 8, 4, 4, f"e{seed}")
-    pool = RaggedPool(
-        PoolLayout.from_profile(uniform_profile(model, 0.25)), [200], torch.float32, "cpu", 8, 512
-    )
-    allocator = TangramAllocator(4_000, TangramKVPool(pool, 4_000), RULE)
-    cache = TangramRadixCache(
-        CacheInitParams(
-            disable=False,
-            req_to_token_pool=ReqToTokenPool(8, 512, "cpu", False),
-            token_to_kv_pool_allocator=allocator,
-            page_size=1,
-        )
-    )
+    cache, allocator = quarter_tree(seed, slots=200, width=512)
     for row in range(1, 5):
         Turn(cache, allocator, random_tokens(rng, rng.randint(40, 80)), row).finish()
     free, budget = allocator.pool.free_slots(), allocator.budget
@@ -277,19 +280,8 @@ def test_decode_check_evicts_per_group_instead_of_retracting():
 
     seed = random.randrange(10_000)
     rng = random.Random(seed)
-    model = ModelIdentity("test", 2, 8, 4, 4, f"u{seed}")
-    pool = RaggedPool(
-        PoolLayout.from_profile(uniform_profile(model, 0.25)), [150], torch.float32, "cpu", 8, 256
-    )
-    allocator = TangramAllocator(4_000, TangramKVPool(pool, 4_000), RULE)
-    cache = TangramRadixCache(
-        CacheInitParams(
-            disable=False,
-            req_to_token_pool=ReqToTokenPool(8, 256, "cpu", False),
-            token_to_kv_pool_allocator=allocator,
-            page_size=1,
-        )
-    )
+    cache, allocator = quarter_tree(seed, slots=150, width=256)
+    pool = allocator.pool
     for row in range(6):  # six 60-token turns, one tree node each (distinct first tokens)
         Turn(cache, allocator, [row] + random_tokens(rng, 59, 10), 1).finish()
     free, evictable = pool.free_slots(), cache.evictable_group_slots()

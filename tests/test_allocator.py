@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from test_pool import workloads
 
 from tangram_sglang.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
 from tangram_sglang.backend import KeptOwners
@@ -452,13 +453,7 @@ test_allocator_ledger_is_exact_under_random_serving_traces = AllocatorTrace.Test
 
 
 @given(
-    workload=st.builds(
-        Workload,
-        context=st.integers(0, 400),
-        turns=st.integers(1, 4),
-        user_tokens=st.integers(0, 60),
-        answer_tokens=st.integers(1, 30),
-    ),
+    workload=workloads,
     rule=st.builds(
         BudgetRule, sink=st.integers(0, 4), window=st.integers(0, 16), floor=st.integers(0, 8)
     ),
