@@ -33,7 +33,7 @@ from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, AddReqResul
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator
-from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.radix import TangramRadixCache, evictable_group_slots
 from tangram_sglang.reservation import (
     ChunkPlan,
     ReservationRefused,
@@ -47,13 +47,6 @@ from . import Hook
 from .allocation import _evictor
 
 logger = logging.getLogger(__name__)
-
-
-def _evictable(tree_cache: Any, allocator: TangramAllocator) -> tuple[int, ...]:
-    """Per group, slots freed by evicting the whole evictable tree (0 without a tree)."""
-    if not isinstance(tree_cache, TangramRadixCache) or tree_cache.disable:
-        return (0,) * allocator.pool.num_groups
-    return tree_cache.evictable_group_slots()
 
 
 class TangramPrefillAdder(PrefillAdder):
@@ -106,7 +99,7 @@ class TangramPrefillAdder(PrefillAdder):
             plan = ChunkPlan(req.extend_range.length, self.chunk_size)
             room = budget.room(
                 allocator.pool.free_slots(),
-                _evictable(self.tree_cache, allocator),
+                evictable_group_slots(self.tree_cache, allocator.pool.num_groups),
                 self.decode_offset,
             )
             try:
@@ -144,7 +137,7 @@ class TangramPrefillAdder(PrefillAdder):
         """Whether every group has room for the request now (its prefix locked)."""
         need = allocator.budget.need(new_tokens(req), self._decode(req), plan)
         with self._lock_node(req.last_node):
-            evictable = _evictable(self.tree_cache, allocator)
+            evictable = evictable_group_slots(self.tree_cache, allocator.pool.num_groups)
         room = allocator.budget.room(allocator.pool.free_slots(), evictable, self.decode_offset)
         return short_group(need, room) is None
 

@@ -18,7 +18,8 @@ from typing import Any
 from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.allocator import TangramAllocator
-from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.radix import evictable_group_slots
+from tangram_sglang.reservation import EVENTS
 
 from . import Hook
 
@@ -29,10 +30,10 @@ def kv_usage(allocator: TangramAllocator, evictable: tuple[int, ...]) -> float:
     """Share of the pools' KV bytes held by slots that are neither free nor evictable."""
     pool = allocator.pool
     used = total = 0.0
-    for g, (slots, free, evict) in enumerate(
-        zip(pool.slots, pool.free_slots(), evictable, strict=True)
+    for slots, free, evict, nbytes in zip(
+        pool.slots, pool.free_slots(), evictable, pool.bytes_per_group(), strict=True
     ):
-        per_slot = pool.bytes_per_group()[g] / (slots + pool.page_size)
+        per_slot = nbytes / (slots + pool.page_size)
         used += (slots - free - evict) * per_slot
         total += slots * per_slot
     return used / total if total else 0.0
@@ -61,7 +62,7 @@ class TangramMetrics:
                 f"Budget Reservation events: {event.replace('_', ' ')} (tangram-sglang).",
                 labelnames=list(labels),
             )
-            for event in ("never_fit", "recomputed_prefix", "retraction", "stale", "settle_refused")
+            for event in EVENTS
         }
         for counter in self.counters.values():
             counter.labels(**labels)  # exported at 0 before the first event
@@ -105,12 +106,7 @@ def token_info(original: Any, self: Any) -> Any:
     allocator = self.token_to_kv_pool_allocator
     if not isinstance(allocator, TangramAllocator):
         return stats
-    tree = self.tree_cache
-    evictable = (
-        tree.evictable_group_slots()
-        if isinstance(tree, TangramRadixCache) and not tree.disable
-        else (0,) * allocator.pool.num_groups
-    )
+    evictable = evictable_group_slots(self.tree_cache, allocator.pool.num_groups)
     _publish(allocator, evictable)
     return dataclasses.replace(stats, full_token_usage=kv_usage(allocator, evictable))
 

@@ -328,9 +328,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         """Evict until `rows` requests can each decode one token in every group without
         touching a prompt reservation; False if the tree cannot free enough (SGLang then
         retracts)."""
-        reserved = self.budget.reserved()
         try:
-            self._ensure_free([rows + r for r in reserved], evict, "decode")
+            self._ensure_free(self.budget.decode_need(rows), evict, "decode")
         except PoolExhausted:
             return False
         return True

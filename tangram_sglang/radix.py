@@ -231,6 +231,14 @@ class TangramRadixCache(RadixCache):
         return bool((theirs > mine).any())
 
 
+def evictable_group_slots(tree_cache, num_groups: int) -> tuple[int, ...]:
+    """Per group, slots freed by evicting a tree's whole evictable part (0 without a
+    `tangram` tree: the chunk cache holds nothing evictable)."""
+    if not isinstance(tree_cache, TangramRadixCache) or tree_cache.disable:
+        return (0,) * num_groups
+    return tree_cache.evictable_group_slots()
+
+
 OVERRIDDEN = (
     "reset",
     "match_prefix",

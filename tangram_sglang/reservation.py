@@ -18,7 +18,7 @@ request meets them (who calls each, on which SGLang event: docs/architecture.md)
 3. reserve  admission assigns the prompt need under the request id
 4. bind     SGLang gave the request its row: the reservation moves there
 5. consume  an extend takes its kept slots from the row (beyond it: `overdrawn`);
-            `decode_shortfall` says what a decode step must evict first
+            `decode_need`: the free slots a decode step needs beside the reservations
 6. settle   a chunked request's next chunk: the row holds what its remaining chunks need
 7. release  the row's leftover returns; reservations of requests SGLang dropped before
             they got a row are cleared
@@ -108,6 +108,9 @@ def new_tokens(req: Any) -> int:
     return len(req.full_untruncated_fill_ids) - len(req.prefix_indices)
 
 
+EVENTS = ("never_fit", "recomputed_prefix", "retraction", "stale", "settle_refused")
+
+
 class ReservationRefused(RuntimeError):
     """A reservation cannot grow: some group has no room left (the message names it)."""
 
@@ -129,9 +132,7 @@ class BudgetReservation:
         self.pending: dict[str, list[int]] = {}
         self.row_reserved = torch.zeros((G, max_rows + 1), dtype=torch.int64)
         self.overdrawn = torch.zeros(G, dtype=torch.int64)  # extends beyond reservations
-        self.events = dict.fromkeys(
-            ("never_fit", "recomputed_prefix", "retraction", "stale", "settle_refused"), 0
-        )
+        self.events = dict.fromkeys(EVENTS, 0)
 
     @property
     def num_groups(self) -> int:
@@ -231,10 +232,10 @@ class BudgetReservation:
             )
         self.row_reserved[:, index] = left.clamp(min=0)
 
-    def decode_shortfall(self, free: Sequence[int], rows: int) -> tuple[int, ...]:
-        """Per group, slots to free before `rows` requests each decode one token without
-        touching any prompt reservation (0: the step fits)."""
-        return tuple(max(0, rows + r - f) for f, r in zip(free, self.reserved(), strict=True))
+    def decode_need(self, rows: int) -> tuple[int, ...]:
+        """Per group, the free slots `rows` requests need to each decode one token without
+        touching any prompt reservation."""
+        return tuple(rows + r for r in self.reserved())
 
     # 6. settle --------------------------------------------------------------------------
 
