@@ -32,8 +32,8 @@ import numpy as np
 from tangram_sglang.accuracy.chat import ChatFormat
 from tangram_sglang.accuracy.paths import SampleResult, Setting, run_reference, run_server
 from tangram_sglang.accuracy.tasks import TASKS, Haystack, make_sample
-from tangram_sglang.budget import BudgetRule
-from tangram_sglang.profile import Profile
+from tangram_sglang.memory.budget import BudgetRule
+from tangram_sglang.offline.profile import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"

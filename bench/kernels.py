@@ -61,12 +61,12 @@ from tangram_sglang.kernels.decode import (
     decode_attention,
 )
 
-from tangram_sglang.aot_plan import DEFAULT_MAX_SPLITS, AotPlan
-from tangram_sglang.budget import BudgetRule, kept_tokens
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.profile import Calibration, ModelIdentity, Profile, uniform_profile
-from tangram_sglang.ragged_kv import RaggedKV
-from tangram_sglang.synthetic import profile_from_table
+from tangram_sglang.attention.aot_plan import DEFAULT_MAX_SPLITS, AotPlan
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.ragged_kv import RaggedKV
+from tangram_sglang.models.synthetic import profile_from_table
+from tangram_sglang.offline.profile import Calibration, ModelIdentity, Profile, uniform_profile
 
 QWEN3_4B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -518,7 +518,7 @@ class Methods:
         return capture(step), None, {"copy_sources": copies}
 
     def _flashinfer(self, mode: str):
-        from tangram_sglang.flashinfer_path import FlashInferRaggedDecode
+        from tangram_sglang.attention.flashinfer_path import FlashInferRaggedDecode
 
         store = self.store
         fi = FlashInferRaggedDecode(

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 
-from tangram_sglang.aot_plan import AotPlan
-from tangram_sglang.ragged_kv import RaggedKV
+from tangram_sglang.attention.aot_plan import AotPlan
+from tangram_sglang.memory.ragged_kv import RaggedKV
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

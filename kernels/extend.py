@@ -16,7 +16,7 @@ import triton.language as tl
 from tangram_sglang.kernels.decode import LOG2E, interpreting
 from tangram_sglang.kernels.online_softmax import load_ragged_kv, online_update
 
-from tangram_sglang.ragged_kv import RaggedKV
+from tangram_sglang.memory.ragged_kv import RaggedKV
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tangram_sglang.ragged_kv import RaggedKV
+from tangram_sglang.memory.ragged_kv import RaggedKV
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Touchpoint: Budget Reservation in SGLang's scheduler; thin glue around the ledger
-`tangram_sglang.reservation.BudgetReservation` (`allocator.budget`), in lifecycle order.
+`tangram_sglang.memory.reservation.BudgetReservation` (`allocator.budget`), in lifecycle order.
 
 - `Scheduler.init_req_max_new_tokens` (AROUND): as SGLang clips `max_new_tokens` to its
   token pool, clip it to what the scarcest head group holds beside the prompt; a prompt
@@ -32,9 +32,9 @@ from typing import Any
 from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, AddReqResult, PrefillAdder
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import TangramAllocator
-from tangram_sglang.radix import TangramRadixCache, evictable_group_slots
-from tangram_sglang.reservation import (
+from tangram_sglang.memory.allocator import TangramAllocator
+from tangram_sglang.memory.radix import TangramRadixCache, evictable_group_slots
+from tangram_sglang.memory.reservation import (
     ChunkPlan,
     ReservationRefused,
     decode_estimate,

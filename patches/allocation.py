@@ -12,7 +12,7 @@ from typing import Any
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import Evict, TangramAllocator
+from tangram_sglang.memory.allocator import Evict, TangramAllocator
 
 from . import Hook
 

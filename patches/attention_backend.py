@@ -1,5 +1,5 @@
 """Touchpoint: SGLang's attention-backend registry and its CLI choices. `--kv-compression`
-selects the attention backend `tangram` (`tangram_sglang.backend`)."""
+selects the attention backend `tangram` (`tangram_sglang.attention.backend`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sglang.srt.layers.attention.attention_registry import (
 )
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-from tangram_sglang.backend import BACKEND, create_tangram_backend
+from tangram_sglang.attention.backend import BACKEND, create_tangram_backend
 
 from . import Registration
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.backend import BACKEND
+from tangram_sglang.attention.backend import BACKEND
 
 from . import Hook
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import TangramAllocator
-from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.memory.allocator import TangramAllocator
+from tangram_sglang.memory.radix import TangramRadixCache
 
 from . import Hook
 

@@ -12,9 +12,9 @@ from typing import Any
 import msgspec
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import TangramAllocator, build_tangram_pools
-from tangram_sglang.capacity import serving_sessions
 from tangram_sglang.config import ConfigError, TangramConfig
+from tangram_sglang.memory.allocator import TangramAllocator, build_tangram_pools
+from tangram_sglang.offline.capacity import serving_sessions
 
 from . import Hook
 

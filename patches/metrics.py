@@ -17,9 +17,9 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import TangramAllocator
-from tangram_sglang.radix import evictable_group_slots
-from tangram_sglang.reservation import EVENTS
+from tangram_sglang.memory.allocator import TangramAllocator
+from tangram_sglang.memory.radix import evictable_group_slots
+from tangram_sglang.memory.reservation import EVENTS
 
 from . import Hook
 

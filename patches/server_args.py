@@ -8,7 +8,7 @@ ours and an AROUND hook on `from_cli_args` checks them. The flags are stored wit
 the instance read-only. Scheduler and detokenizer processes receive the instance pickled
 (multiprocessing spawn), extra attributes included, so they need no environment variable.
 Without `--kv-compression` (or with `none`) SGLang's own objects pass through unchanged.
-With it, the radix overrides' self-test (`tangram_sglang.radix.self_test`) runs first.
+With it, the radix overrides' self-test (`tangram_sglang.memory.radix.self_test`) runs first.
 
 Forced with `--kv-compression` (each logged): overlap scheduling off (the allocation hooks
 hand the forward they precede its slots); prefill CUDA graphs off (see `FORCED`); decode
@@ -27,7 +27,7 @@ from typing import Any
 from sglang.srt.plugins.hook_registry import HookType
 from sglang.srt.utils.common import get_device
 
-from tangram_sglang.backend import cuda_graph_blocker
+from tangram_sglang.attention.backend import cuda_graph_blocker
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import (
     MODES,
@@ -36,7 +36,7 @@ from tangram_sglang.config import (
     model_conflicts,
     read_hf_config,
 )
-from tangram_sglang.radix import self_test as radix_self_test
+from tangram_sglang.memory.radix import self_test as radix_self_test
 
 from . import Hook, verify
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from tangram_sglang.allocator import TangramAllocator
+from tangram_sglang.memory.allocator import TangramAllocator
 
 from . import Hook
 

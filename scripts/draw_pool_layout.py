@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tangram_sglang.allocator import TangramAllocator, TangramKVPool
-from tangram_sglang.budget import BudgetRule
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import RaggedPool
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
+from tangram_sglang.memory.budget import BudgetRule
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
 
 GROUP_COLORS = [(66, 133, 244), (52, 168, 83), (234, 140, 0)]
 PADDING = (200, 200, 200)

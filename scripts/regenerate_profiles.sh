@@ -7,7 +7,7 @@ PY=${TANGRAM_VENV:-.venv}/bin/python
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$PY" -m tangram_sglang.models.tiny --out "$TMP/tiny-qwen3" --arch qwen3 --seed 0 --dtype float32
-"$PY" -m tangram_sglang.calibrate --model-path "$TMP/tiny-qwen3" --method ada-snapkv \
+"$PY" -m tangram_sglang calibrate --model-path "$TMP/tiny-qwen3" --method ada-snapkv \
     --samples 50 --ratio 0.25 --seq-len 1024 --seed 0 \
     --out profiles/tiny-qwen3.ada-snapkv.yaml
 
@@ -21,12 +21,12 @@ ESSAYS="SmolLM2-135M-Instruct self-written essays (tangram_sglang/accuracy/data/
 "$PY" -m tangram_sglang.accuracy.corpus calibration --samples 60 --words 1000 --needles 2 \
     --out "$TMP/essays-needles.jsonl"
 for method in ada-snapkv expected-attention; do
-    "$PY" -m tangram_sglang.calibrate --model-path "$SMOL" --method "$method" \
+    "$PY" -m tangram_sglang calibrate --model-path "$SMOL" --method "$method" \
         --samples 50 --held-out 10 --ratio 0.25 --seq-len 2048 --seed 0 --dtype float32 \
         --data "$TMP/essays.jsonl" --data-name "$ESSAYS" \
         --out "profiles/smollm2-135m-instruct.$method.yaml"
 done
-"$PY" -m tangram_sglang.calibrate --model-path "$SMOL" --method headkv --headkv-share 0.5 \
+"$PY" -m tangram_sglang calibrate --model-path "$SMOL" --method headkv --headkv-share 0.5 \
     --samples 50 --held-out 10 --ratio 0.25 --seq-len 2048 --seed 0 --dtype float32 \
     --data "$TMP/essays-needles.jsonl" --data-name "$ESSAYS, two synthetic statements hidden in each" \
     --out profiles/smollm2-135m-instruct.headkv.yaml

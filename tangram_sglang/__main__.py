@@ -1,4 +1,6 @@
-"""`python -m tangram_sglang plan ...`: capacity planning from a profile.
+"""`python -m tangram_sglang calibrate ...`: a profile calibrated on a model
+(`tangram_sglang.offline.calibrate`, its own flags).
+`python -m tangram_sglang plan ...`: capacity planning from a profile.
 `python -m tangram_sglang synthetic ...`: a synthetic profile for a model that cannot be
 calibrated (dummy weights on the GPU benchmarks), shaped like the model's config.json."""
 
@@ -8,10 +10,10 @@ import argparse
 import sys
 from importlib.resources import files
 
-from tangram_sglang.budget import Workload
-from tangram_sglang.capacity import capacity_plan, format_plan
-from tangram_sglang.profile import ModelIdentity, Profile, ProfileError
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.memory.budget import Workload
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.capacity import capacity_plan, format_plan
+from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError
 
 DEFAULT_PROFILE = "smollm2-135m-instruct.headkv.yaml"
 
@@ -27,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tangram_sglang")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = _Defaults
+    sub.add_parser(
+        "calibrate",
+        help="calibrate a profile on a model (python -m tangram_sglang calibrate --help)",
+        add_help=False,
+    )
     plan = sub.add_parser(
         "plan", help="sessions that fit: full KV vs uniform vs Tangram", formatter_class=fmt
     )
@@ -72,6 +79,11 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:  # its own parser: torch and the scorers load only here
+        from tangram_sglang.offline.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "synthetic":
         try:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tangram_sglang.budget import Workload, serving_workload
 from tangram_sglang.compress import SCORERS
-from tangram_sglang.profile import ModelIdentity, Profile, ProfileError, uniform_profile
+from tangram_sglang.memory.budget import Workload, serving_workload
+from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
 MODES = ("none", "tangram", "uniform")
 DEFAULT_METHOD = "snapkv"  # scorer for profiles whose method is not one (uniform profiles)

@@ -15,7 +15,7 @@ SCORING = (
     "streaming",
     "duo",
 )
-# Methods whose per-head allocation calibration measures (`python -m tangram_sglang.calibrate`).
+# Methods whose per-head allocation calibration measures (`python -m tangram_sglang calibrate`).
 CALIBRATED = ("snapkv", "ada-snapkv", "expected-attention", "duo", "headkv")
 # What a profile may name: any scorer, or "uniform" (one ratio, built at start-up).
 PROFILE = (*SCORING, "uniform")

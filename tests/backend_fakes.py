@@ -9,7 +9,7 @@ import torch
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from tangram_sglang.allocator import TangramAllocator
+from tangram_sglang.memory.allocator import TangramAllocator
 
 
 def fake_layer(layer_id: int, num_q_heads: int, num_kv_heads: int, head_dim: int):

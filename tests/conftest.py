@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def profile_file(model_dir, tmp_path_factory):
     """A one-group profile at ratio 0.5 for the tiny model."""
-    from tangram_sglang.profile import ModelIdentity, uniform_profile
+    from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
     path = tmp_path_factory.mktemp("profile") / "tiny.uniform.yaml"
     uniform_profile(ModelIdentity.from_model_path(model_dir), 0.5).save(path)

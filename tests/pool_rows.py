@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from tangram_sglang.budget import pages
-from tangram_sglang.pool import PoolExhausted, RaggedPool
+from tangram_sglang.memory.budget import pages
+from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
 
 
 def take_pages(pool: RaggedPool, group: int, n: int) -> torch.Tensor:

@@ -15,9 +15,9 @@ from tangram_sglang.accuracy.chat import ChatFormat
 from tangram_sglang.accuracy.hf_path import load_model
 from tangram_sglang.accuracy.paths import Setting, run_reference, run_server
 from tangram_sglang.accuracy.tasks import Haystack, make_sample
-from tangram_sglang.budget import BudgetRule
 from tangram_sglang.cpu.server import Launch, running_servers
-from tangram_sglang.profile import Profile
+from tangram_sglang.memory.budget import BudgetRule
+from tangram_sglang.offline.profile import Profile
 
 pytestmark = pytest.mark.server
 

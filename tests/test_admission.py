@@ -19,12 +19,12 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from test_allocator import RULE, make_allocator
 from test_radix import VOCAB, Turn, match
 
-from tangram_sglang.allocator import TangramAllocator, TangramKVPool
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import RaggedPool
-from tangram_sglang.profile import ModelIdentity, uniform_profile
-from tangram_sglang.radix import TangramRadixCache
-from tangram_sglang.reservation import short_group
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.memory.radix import TangramRadixCache
+from tangram_sglang.memory.reservation import short_group
+from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
 ROWS = 16
 

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_pool import workloads
 
-from tangram_sglang.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
-from tangram_sglang.backend import KeptOwners
-from tangram_sglang.budget import BudgetRule, Workload, kept_tokens, session_slots
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import PoolExhausted, RaggedPool
-from tangram_sglang.profile import ModelIdentity, uniform_profile
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.attention.backend import KeptOwners
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
+from tangram_sglang.memory.budget import BudgetRule, Workload, kept_tokens, session_slots
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
 RULE = BudgetRule(sink=2, window=3)
 

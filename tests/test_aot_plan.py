@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from tangram_sglang.aot_plan import DEFAULT_BUCKETS, SPLITS_LIMIT, AotPlan, PlanError
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.attention.aot_plan import DEFAULT_BUCKETS, SPLITS_LIMIT, AotPlan, PlanError
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
 
 def random_layout(

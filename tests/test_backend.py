@@ -11,9 +11,9 @@ from backend_fakes import fake_batch, fake_layer, fake_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from test_allocator import RULE, make_allocator
 
-from tangram_sglang.backend import TangramAttnBackend
+from tangram_sglang.attention.backend import TangramAttnBackend
+from tangram_sglang.attention.reference import ragged_decode, ragged_extend
 from tangram_sglang.compress.base import forced_mask
-from tangram_sglang.reference import ragged_decode, ragged_extend
 
 HQ, HKV, D = 8, 4, 4
 
@@ -161,11 +161,11 @@ def flat(profile, ratio: float):
 def test_a_flat_profile_stores_and_attends_exactly_as_uniform():
     """Same budget in every head: several group pools must keep the same tokens per head and
     compute the same attention as one uniform pool (the pilot's flat-vs-uniform check)."""
-    from tangram_sglang.allocator import TangramAllocator, TangramKVPool
-    from tangram_sglang.layout import PoolLayout
-    from tangram_sglang.pool import RaggedPool
-    from tangram_sglang.profile import ModelIdentity, uniform_profile
-    from tangram_sglang.synthetic import synthetic_profile
+    from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
+    from tangram_sglang.memory.layout import PoolLayout
+    from tangram_sglang.memory.pool import RaggedPool
+    from tangram_sglang.models.synthetic import synthetic_profile
+    from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
     seed = random.randrange(10_000)
     model = ModelIdentity("test", 2, HQ, HKV, D, "flat")

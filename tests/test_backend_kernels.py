@@ -27,18 +27,18 @@ from backend_fakes import fake_batch, fake_layer, fake_runner  # noqa: E402
 from host_reads import HostRead, HostReadGuard  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
-import tangram_sglang.backend as backend_module  # noqa: E402
-from tangram_sglang.allocator import TangramAllocator, TangramKVPool  # noqa: E402
-from tangram_sglang.backend import (  # noqa: E402
+import tangram_sglang.attention.backend as backend_module  # noqa: E402
+from tangram_sglang.attention.backend import (  # noqa: E402
     KERNELS_ENV,
     KeptOwners,
     TangramAttnBackend,
     choose_kernels,
 )
-from tangram_sglang.budget import BudgetRule  # noqa: E402
-from tangram_sglang.layout import PoolLayout  # noqa: E402
-from tangram_sglang.pool import RaggedPool  # noqa: E402
-from tangram_sglang.reference import ragged_decode, ragged_extend  # noqa: E402
+from tangram_sglang.attention.reference import ragged_decode, ragged_extend  # noqa: E402
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool  # noqa: E402
+from tangram_sglang.memory.budget import BudgetRule  # noqa: E402
+from tangram_sglang.memory.layout import PoolLayout  # noqa: E402
+from tangram_sglang.memory.pool import RaggedPool  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DIM = 64 if CUDA else 16

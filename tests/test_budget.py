@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tangram_sglang.budget import (
+from tangram_sglang.memory.budget import (
     BudgetRule,
     Workload,
     kept_tokens,

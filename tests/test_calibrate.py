@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tangram_sglang.budget import BudgetRule, kept_tokens
-from tangram_sglang.calibrate import (
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
+from tangram_sglang.models.tiny import build_tiny_model
+from tangram_sglang.offline.calibrate import (
     CalibrationConfig,
     calibrate,
     coverage,
@@ -23,8 +24,7 @@ from tangram_sglang.calibrate import (
     spearman,
     synthetic_sample,
 )
-from tangram_sglang.models.tiny import build_tiny_model
-from tangram_sglang.profile import ModelIdentity, Profile
+from tangram_sglang.offline.profile import ModelIdentity, Profile
 
 SHIPPED = Path(__file__).parents[1] / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
 
@@ -158,7 +158,7 @@ def test_shipped_smollm2_profiles_belong_to_the_reference_model(smollm2_dir, met
 def test_capture_sees_post_rope_keys_and_leaves_outputs_unchanged(tiny, model):
     from transformers import AutoModelForCausalLM
 
-    from tangram_sglang.calibrate import capturing
+    from tangram_sglang.offline.calibrate import capturing
 
     ids = torch.full((1, 24), 17)
     seen = {}

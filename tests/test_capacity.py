@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from tangram_sglang.__main__ import main
-from tangram_sglang.budget import BudgetRule, Workload, session_slots
-from tangram_sglang.capacity import capacity_plan, serving_sessions
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.profile import ModelIdentity, Profile, uniform_profile
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.memory.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.capacity import capacity_plan, serving_sessions
+from tangram_sglang.offline.profile import ModelIdentity, Profile, uniform_profile
 
 CONFIG = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -85,7 +85,7 @@ def test_plan_command_reports_a_bad_profile_without_a_traceback(tmp_path):
 def test_plan_reports_the_slots_a_ragged_pool_allocates():
     import torch
 
-    from tangram_sglang.pool import RaggedPool
+    from tangram_sglang.memory.pool import RaggedPool
 
     profile = synthetic_profile(MODEL, 0.3, seed=int(np.random.default_rng().integers(1e6)))
     workload = Workload(2000, 2, 64, 32)

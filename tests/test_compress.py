@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.compress import (
     SCORERS,
     TOVA,
@@ -29,6 +28,7 @@ from tangram_sglang.compress import (
     select_batch,
 )
 from tangram_sglang.compress.base import partition_by_length
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
 
 # ------------------------------------------------------------ float64 references (numpy loops)
 

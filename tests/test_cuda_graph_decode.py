@@ -34,8 +34,8 @@ from test_backend_kernels import (
     random_layout,
 )
 
-import tangram_sglang.backend as backend_module
-from tangram_sglang.reference import ragged_decode
+import tangram_sglang.attention.backend as backend_module
+from tangram_sglang.attention.reference import ragged_decode
 
 # aten ops a forward may run outside its kernel launches: views of existing tensors.
 VIEW_OPS = {

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tangram_sglang.grouping import (
+from tangram_sglang.offline.grouping import (
     adjacent_grouping,
     no_grouping,
     optimal_grouping,

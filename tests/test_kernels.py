@@ -1,4 +1,4 @@
-"""Ragged attention kernels against the float64 reference (`tangram_sglang.reference`).
+"""Ragged attention kernels against the float64 reference (`tangram_sglang.attention.reference`).
 
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes; with CUDA
 the same tests run compiled, on larger shapes and page size 64 too. Every test draws
@@ -32,12 +32,12 @@ from tangram_sglang.kernels.decode import (  # noqa: E402
 from tangram_sglang.kernels.extend import extend_attention  # noqa: E402
 from tangram_sglang.kernels.scatter import pack_selection, scatter_selected  # noqa: E402
 
-from tangram_sglang.aot_plan import AotPlan  # noqa: E402
+from tangram_sglang.attention.aot_plan import AotPlan  # noqa: E402
+from tangram_sglang.attention.flashinfer_path import FlashInferRaggedDecode, flashinfer_available  # noqa: E402
+from tangram_sglang.attention.reference import ragged_decode, ragged_extend  # noqa: E402
 from tangram_sglang.compress.write import write_selected  # noqa: E402
-from tangram_sglang.flashinfer_path import FlashInferRaggedDecode, flashinfer_available  # noqa: E402
-from tangram_sglang.layout import PoolLayout  # noqa: E402
-from tangram_sglang.pool import RaggedPool  # noqa: E402
-from tangram_sglang.reference import ragged_decode, ragged_extend  # noqa: E402
+from tangram_sglang.memory.layout import PoolLayout  # noqa: E402
+from tangram_sglang.memory.pool import RaggedPool  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 

@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pool_rows import fill_row
 
-from tangram_sglang.budget import BudgetRule, Workload, session_slots
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import RaggedPool
-from tangram_sglang.profile import ModelIdentity
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.memory.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.profile import ModelIdentity
 
 
 def small_profile(seed: int, layers: int = 3, kv_heads: int = 4, head_dim: int = 4, groups=3):

@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tangram_sglang.profile import (
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.profile import (
     ModelIdentity,
     Profile,
     ProfileError,
     scale_ratios,
     uniform_profile,
 )
-from tangram_sglang.synthetic import synthetic_profile
 
 CONFIG = {
     "architectures": ["Qwen3ForCausalLM"],

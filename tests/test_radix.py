@@ -17,8 +17,8 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from test_allocator import make_allocator, random_selections, record_owners
 
-from tangram_sglang.backend import KeptOwners
-from tangram_sglang.radix import TangramRadixCache
+from tangram_sglang.attention.backend import KeptOwners
+from tangram_sglang.memory.radix import TangramRadixCache
 
 VOCAB = 50
 
@@ -326,7 +326,7 @@ def test_a_request_keeps_its_own_slots_when_the_cached_ones_cost_more():
 def test_the_start_up_self_test_passes_and_names_a_drifting_or_missing_override(monkeypatch):
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from tangram_sglang import radix
+    from tangram_sglang.memory import radix
 
     assert radix.self_test() == [], radix.self_test()
     monkeypatch.setattr(

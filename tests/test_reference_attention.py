@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pool_rows import fill_row, set_row, take_pages
 
-from tangram_sglang.budget import pages
-from tangram_sglang.pool import RaggedPool
-from tangram_sglang.profile import HeadGroup, ModelIdentity, Profile, uniform_profile
-from tangram_sglang.reference import dense_attention, ragged_decode, ragged_extend
+from tangram_sglang.attention.reference import dense_attention, ragged_decode, ragged_extend
+from tangram_sglang.memory.budget import pages
+from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.offline.profile import HeadGroup, ModelIdentity, Profile, uniform_profile
 
 F64 = torch.float64
 

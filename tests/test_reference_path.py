@@ -12,8 +12,8 @@ import torch
 from tangram_sglang.accuracy.chat import ChatFormat
 from tangram_sglang.accuracy.hf_path import Conversation, HeadBudgets, load_model
 from tangram_sglang.accuracy.paths import Setting
-from tangram_sglang.budget import BudgetRule, kept_tokens
-from tangram_sglang.profile import ModelIdentity, Profile
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
+from tangram_sglang.offline.profile import ModelIdentity, Profile
 
 RULE = BudgetRule(sink=4, window=32)
 TEXT = (

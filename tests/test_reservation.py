@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_allocator import RULE, make_allocator
 
-from tangram_sglang.budget import kept_tokens
-from tangram_sglang.reservation import (
+from tangram_sglang.memory.budget import kept_tokens
+from tangram_sglang.memory.reservation import (
     BudgetReservation,
     ChunkPlan,
     ReservationRefused,

@@ -29,14 +29,14 @@ from tangram_sglang.patches.invariants import idle_problems, pool_leaks
 from test_admission import make_req, plugin_hooks  # noqa: F401  (the fixture)
 from test_allocator import RULE
 
-from tangram_sglang.allocator import TangramAllocator, TangramKVPool
-from tangram_sglang.budget import kept_tokens
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import RaggedPool
-from tangram_sglang.profile import ModelIdentity
-from tangram_sglang.radix import TangramRadixCache
-from tangram_sglang.reservation import ChunkPlan, prompt_need
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
+from tangram_sglang.memory.budget import kept_tokens
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.memory.radix import TangramRadixCache
+from tangram_sglang.memory.reservation import ChunkPlan, prompt_need
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.profile import ModelIdentity
 
 VOCAB = 200
 ROWS, CONTEXT = 16, 1024

@@ -18,10 +18,10 @@ import random
 import pytest
 
 from tangram_sglang import plugin
-from tangram_sglang.budget import serving_workload
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import ConfigError, TangramConfig, model_conflicts
-from tangram_sglang.profile import ModelIdentity, uniform_profile
+from tangram_sglang.memory.budget import serving_workload
+from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
 
 @pytest.fixture(scope="module", autouse=True)

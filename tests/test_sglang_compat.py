@@ -6,6 +6,11 @@ Each file runs in its own pytest process (some reload SGLang modules) with
 `tangram_sglang.plugin.register()` first; a file where anything fails runs again stock
 (no plugin), and every test's outcome must match. Both run from a copy of the suite with a `python/`
 folder pointing at the installed `sglang` (one file scans SGLang's source tree there).
+SGLang's radix-cache, lock-ref and eviction tests (`TREE_FILES`) also run against
+`TangramRadixCache` at ratio 1.0 (`sglang_tree.py` says how), where each test that passes
+stock must pass, unless it fails on the one refusal docs/architecture.md justifies: page
+size above 1.
+
 Skipped, saying so, where `../shared` is absent (outside this project's workspace).
 """
 
@@ -26,34 +31,51 @@ from tangram_sglang.cpu.server import SHIMS
 pytestmark = pytest.mark.server  # slow: ~30 short pytest processes
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "sglang-0.5.17-tests"
-RUN = """
+TREE_FILES = [
+    f"registered/unit/mem_cache/{name}.py"
+    for name in (
+        "test_radix_cache_unit",
+        "test_decode_radix_lock_ref",
+        "test_radix_force_miss",
+        "test_radix_cache_slru_accuracy",
+    )
+]
+PAGE_SIZE_REFUSAL = "radix cache 'tangram' serves page size 1"
+RUN = f"""
 import sys, pytest
+plugins = []
 if sys.argv[1] == "plugin":
     from tangram_sglang import plugin
     plugin.register()
     from sglang.srt.plugins.hook_registry import HookRegistry
     assert HookRegistry._hooks, "the plugin registered no hook"
+if sys.argv[1] == "tangram-tree":
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    import sglang_tree
+    sglang_tree.install()
+    plugins.append(sglang_tree.CountCheck())
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-c", "pytest.ini", "--rootdir", ".",
-                      "--junitxml", sys.argv[2], sys.argv[3]]))
+                      "--junitxml", sys.argv[2], sys.argv[3]], plugins=plugins))
 """
 
 
 def _outcomes(junit: Path) -> dict[str, str]:
     """Test id -> passed / failed / skipped, from a JUnit XML report."""
+    return {name: outcome for name, (outcome, _) in _reports(junit).items()}
+
+
+def _reports(junit: Path) -> dict[str, tuple[str, str]]:
+    """Test id -> (passed / failed / skipped, the failure's text), from a JUnit XML report."""
     if not junit.exists():
         return {}
-    outcomes = {}
+    reports = {}
     for case in ET.parse(junit).iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        kinds = {child.tag for child in case}
-        outcomes[name] = (
-            "failed"
-            if kinds & {"failure", "error"}
-            else "skipped"
-            if "skipped" in kinds
-            else "passed"
-        )
-    return outcomes
+        failures = [child for child in case if child.tag in ("failure", "error")]
+        skipped = any(child.tag == "skipped" for child in case)
+        text = "".join(f"{f.get('message', '')}\n{f.text or ''}" for f in failures)
+        reports[name] = ("failed" if failures else "skipped" if skipped else "passed", text)
+    return reports
 
 
 def _run(root: Path, file: str, mode: str) -> tuple[int, dict[str, str], str]:
@@ -61,7 +83,7 @@ def _run(root: Path, file: str, mode: str) -> tuple[int, dict[str, str], str]:
     env = dict(os.environ, SGLANG_TEST_MAX_RETRY="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
     env.pop("SGLANG_PLUGINS", None)
-    if mode == "stock":
+    if mode != "plugin":
         env["SGLANG_PLUGINS"] = "none-stock-sglang"
     proc = subprocess.run(
         [sys.executable, "-c", RUN, mode, str(junit), file],
@@ -122,3 +144,30 @@ def test_the_plugin_with_compression_off_leaves_sglangs_own_tests_as_stock(suite
     print(f"SGLang's own tests with the plugin loaded, flag off: {totals} over {len(files)} files")
     assert not differences, "\n".join(differences)
     assert totals["passed"] > 400, f"too few of SGLang's tests ran: {totals}"
+
+
+def test_sglangs_radix_tests_hold_for_the_tangram_tree(suite):
+    """Item 10b of the budget-lifecycle issue: SGLang's own tree expectations, our tree."""
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(
+            pool.map(
+                lambda job: _run(suite, job[0], job[1]),
+                [(f, mode) for f in TREE_FILES for mode in ("stock", "tangram-tree")],
+            )
+        )
+    unmet, refused, ran = [], [], 0
+    for file, stock_run, tree_run in zip(TREE_FILES, runs[::2], runs[1::2], strict=True):
+        junit = suite / "reports" / f"tangram-tree-{file.replace('/', '_')}.xml"
+        expected, reports = stock_run[1], _reports(junit)
+        assert expected and reports, f"{file}: no report\n{stock_run[2]}\n{tree_run[2]}"
+        for test, outcome in expected.items():
+            got, text = reports.get(test, ("missing", ""))
+            ran += got == "passed"
+            if outcome != "passed" or got == "passed":
+                continue
+            (refused if PAGE_SIZE_REFUSAL in text else unmet).append(test.rsplit(".", 1)[-1])
+            if PAGE_SIZE_REFUSAL not in text:
+                unmet[-1] += f": {got}\n{text[-1200:]}"
+    print(f"SGLang's tree tests on TangramRadixCache: {ran} passed; page size > 1: {refused}")
+    assert not unmet, "\n".join(unmet)
+    assert ran >= 25, f"too few of SGLang's tree tests passed on our tree: {ran}"

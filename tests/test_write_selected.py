@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pool_rows import fill_row, take_pages
 
-from tangram_sglang.budget import BudgetRule, kept_tokens, pages
+from tangram_sglang.attention.reference import dense_attention, ragged_decode
 from tangram_sglang.compress.write import write_selected
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import RaggedPool
-from tangram_sglang.profile import ModelIdentity
-from tangram_sglang.reference import dense_attention, ragged_decode
-from tangram_sglang.synthetic import synthetic_profile
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens, pages
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.models.synthetic import synthetic_profile
+from tangram_sglang.offline.profile import ModelIdentity
 
 F64 = torch.float64
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.compress import SCORERS, Scorer, SegmentBatch, select_batch
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
 
 ATTENTION = "tangram_reference"
 

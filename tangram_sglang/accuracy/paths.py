@@ -24,8 +24,8 @@ import requests
 from tangram_sglang.accuracy.chat import ChatFormat
 from tangram_sglang.accuracy.hf_path import Conversation, HeadBudgets
 from tangram_sglang.accuracy.tasks import Sample, correct
-from tangram_sglang.budget import BudgetRule
-from tangram_sglang.profile import Profile
+from tangram_sglang.memory.budget import BudgetRule
+from tangram_sglang.offline.profile import Profile
 
 
 @dataclass(frozen=True)

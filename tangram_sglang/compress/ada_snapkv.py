@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.budget import BudgetRule
 from tangram_sglang.compress.base import ada_allocation
 from tangram_sglang.compress.snapkv import SnapKV
+from tangram_sglang.memory.budget import BudgetRule
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tangram_sglang.budget import BudgetRule
+from tangram_sglang.memory.budget import BudgetRule
 
 # `partition_by_length` (max_padding, min_tokens) per device type, when not given. On CPU
 # the padded arithmetic is what costs, so parts stay tight; on a GPU each part costs a dozen

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tangram_sglang.budget import BudgetRule
 from tangram_sglang.compress.base import checked, forced_mask, group_mean, window_attention
 from tangram_sglang.compress.streaming import StreamingLLM
+from tangram_sglang.memory.budget import BudgetRule
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from tangram_sglang.compress.base import checked, group_mean, window_attention
 from tangram_sglang.compress.snapkv import SnapKV
-from tangram_sglang.profile import scale_ratios
+from tangram_sglang.offline.profile import scale_ratios
 
 
 @dataclass

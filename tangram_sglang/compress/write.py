@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tangram_sglang.pool import RaggedPool
+from tangram_sglang.memory.pool import RaggedPool
 
 
 def write_selected(

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tangram_sglang.aot_plan import AotPlan
+from tangram_sglang.attention.aot_plan import AotPlan
 from tangram_sglang.kernels.decode import merge_partials
-from tangram_sglang.ragged_kv import RaggedKV
+from tangram_sglang.memory.ragged_kv import RaggedKV
 
 MODES = ("replan", "aot")
 WORKSPACE_BYTES = 256 * 1024 * 1024

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tangram_sglang.profile import HeadGroup, HeadStats
+from tangram_sglang.offline.profile import HeadGroup, HeadStats
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.profile import Profile
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.offline.profile import Profile
 
 FORMAT = "tangram-aot-plan/1"
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tangram_sglang.calibrate import HeadStatistics, profile_from_statistics
-from tangram_sglang.profile import Calibration, ModelIdentity, Profile
+from tangram_sglang.offline.calibrate import HeadStatistics, profile_from_statistics
+from tangram_sglang.offline.profile import Calibration, ModelIdentity, Profile
 
 
 def profile_from_table(

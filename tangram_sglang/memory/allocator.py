@@ -25,7 +25,7 @@ slots: `free(logical)` frees them in every group (SWA's `free_swa` pattern), and
 request row only points at them. `seg_pos` marks where each segment starts (the radix
 cache inserts a request's values only where its own segment starts).
 
-Budget Reservation (`tangram_sglang.reservation`) is the ledger `budget`: an extend
+Budget Reservation (`tangram_sglang.memory.reservation`) is the ledger `budget`: an extend
 consumes the kept slots its row reserved; a decode step draws one slot per group from what
 no reservation holds (`make_decode_room` evicts the per-group shortfall first).
 
@@ -46,17 +46,17 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 
-from tangram_sglang.budget import (
+from tangram_sglang.memory.budget import (
     BudgetRule,
     Workload,
     kept_tokens,
     serving_workload,
     session_slots,
 )
-from tangram_sglang.layout import PoolLayout
-from tangram_sglang.pool import PoolExhausted, RaggedPool
-from tangram_sglang.profile import Profile
-from tangram_sglang.reservation import BudgetReservation
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
+from tangram_sglang.memory.reservation import BudgetReservation
+from tangram_sglang.offline.profile import Profile
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-from tangram_sglang.allocator import TangramAllocator
+from tangram_sglang.memory.allocator import TangramAllocator
 
 
 class TangramRadixCache(RadixCache):
@@ -351,11 +351,11 @@ def _tiny_tree() -> tuple[TangramRadixCache, TangramAllocator]:
     than logical ones, so a wrong count shows."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-    from tangram_sglang.allocator import TangramKVPool
-    from tangram_sglang.budget import BudgetRule
-    from tangram_sglang.layout import PoolLayout
-    from tangram_sglang.pool import RaggedPool
-    from tangram_sglang.profile import ModelIdentity, uniform_profile
+    from tangram_sglang.memory.allocator import TangramKVPool
+    from tangram_sglang.memory.budget import BudgetRule
+    from tangram_sglang.memory.layout import PoolLayout
+    from tangram_sglang.memory.pool import RaggedPool
+    from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
     layout = PoolLayout.from_profile(
         uniform_profile(ModelIdentity("self-test", 1, 2, 1, 4, ""), 0.5)

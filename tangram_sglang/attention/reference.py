@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tangram_sglang.pool import RaggedKV
+from tangram_sglang.memory.pool import RaggedKV
 
 Rows = Sequence[int] | torch.Tensor
 

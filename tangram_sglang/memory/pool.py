@@ -18,9 +18,9 @@ The per-request group page tables live here too, because attention reads them ne
 the storage (`layer_view`): `req_to_slot[g, r, :group_lens[g, r]]` are the group slots
 request row r attends to, in token order (rows follow SGLang's `ReqToTokenPool`:
 `1..max_requests`, row 0 padding). The pool only zeroes them (`clear`) and keeps no
-request ledger: `TangramAllocator` (tangram_sglang/allocator.py) takes the slots from
+request ledger: `TangramAllocator` (tangram_sglang/memory/allocator.py) takes the slots from
 `allocators[g]`, maps them to logical slots and writes the tables, and
-`BudgetReservation` (tangram_sglang/reservation.py) holds what admission promised.
+`BudgetReservation` (tangram_sglang/memory/reservation.py) holds what admission promised.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
-from tangram_sglang.layout import PoolLayout, sessions_that_fit
-from tangram_sglang.profile import Profile
-from tangram_sglang.ragged_kv import RaggedKV
+from tangram_sglang.memory.layout import PoolLayout, sessions_that_fit
+from tangram_sglang.memory.ragged_kv import RaggedKV
+from tangram_sglang.offline.profile import Profile
 
 
 class PoolExhausted(ValueError):

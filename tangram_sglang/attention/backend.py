@@ -58,11 +58,16 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from torch.nn.functional import scaled_dot_product_attention
 
-from tangram_sglang.allocator import ExtendSegment, ForwardState, TangramAllocator, TangramKVPool
-from tangram_sglang.aot_plan import AotPlan
+from tangram_sglang.attention.aot_plan import AotPlan
 from tangram_sglang.compress import SCORERS, SegmentBatch, check_budgets, select_batch
 from tangram_sglang.compress.write import write_selected
-from tangram_sglang.pool import RaggedPool
+from tangram_sglang.memory.allocator import (
+    ExtendSegment,
+    ForwardState,
+    TangramAllocator,
+    TangramKVPool,
+)
+from tangram_sglang.memory.pool import RaggedPool
 
 if TYPE_CHECKING:
     from tangram_sglang.kernels.scatter import SelectionScatter

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from tangram_sglang.budget import BudgetRule, kept_tokens, pages
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens, pages
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tangram_sglang.profile import Profile
+from tangram_sglang.offline.profile import Profile
 
 
 @dataclass(frozen=True)

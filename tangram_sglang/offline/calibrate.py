@@ -1,6 +1,6 @@
 """Offline calibration: measure each head's kept ratio under a method's own allocation.
 
-    python -m tangram_sglang.calibrate --model-path DIR --method ada-snapkv \
+    python -m tangram_sglang calibrate --model-path DIR --method ada-snapkv \
         --samples 50 --ratio 0.25 --out profiles/model.ada-snapkv.yaml
 
 Per-head retention is a property of the model, so we run the (Hugging Face) model on N
@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tangram_sglang.budget import BudgetRule, kept_tokens
 from tangram_sglang.compress import (
     AdaSnapKV,
     DuoAttention,
@@ -47,9 +46,16 @@ from tangram_sglang.compress import (
     duo_split,
     headkv_ratios,
 )
-from tangram_sglang.grouping import build_groups
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens
 from tangram_sglang.methods import CALIBRATED
-from tangram_sglang.profile import Calibration, HeadStats, ModelIdentity, Profile, ProfileError
+from tangram_sglang.offline.grouping import build_groups
+from tangram_sglang.offline.profile import (
+    Calibration,
+    HeadStats,
+    ModelIdentity,
+    Profile,
+    ProfileError,
+)
 
 METHODS = CALIBRATED
 CAPTURE = "tangram_capture"
@@ -652,7 +658,7 @@ def build_profile(
 
 def parse_args(argv: Sequence[str] | None = None) -> CalibrationConfig:
     p = argparse.ArgumentParser(
-        prog="python -m tangram_sglang.calibrate",
+        prog="python -m tangram_sglang calibrate",
         description="Measure per-head kept ratios of a KV compression method and write a "
         "Tangram profile.",
     )

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tangram_sglang.budget import BudgetRule, Workload, session_slots
-from tangram_sglang.layout import PoolLayout, sessions_that_fit
-from tangram_sglang.profile import Profile
+from tangram_sglang.memory.budget import BudgetRule, Workload, session_slots
+from tangram_sglang.memory.layout import PoolLayout, sessions_that_fit
+from tangram_sglang.offline.profile import Profile
 
 
 @dataclass(frozen=True)
