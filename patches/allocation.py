@@ -1,8 +1,17 @@
 """Touchpoint: KV allocation for a batch (`mem_cache.allocation.alloc_for_extend` and
-`alloc_for_decode`). SGLang allocates logical slots and writes `req_to_token` as usual;
-then the `TangramAllocator` builds each request's group rows, allocates the new segment's
-group slots (k_g per group, or one per group per decoded token) and records the state
-the attention backend reads in the forward that follows.
+`alloc_for_decode`), and its hand-off to the batch's forward (`ForwardBatch.init_new`).
+
+SGLang allocates logical slots and writes `req_to_token` as usual; then the
+`TangramAllocator` builds each request's group rows, allocates the new segment's group
+slots (k_g per group, or one per group per decoded token) and returns the batch's
+`ForwardState`. The state rides on SGLang's own batch objects, as SGLang's per-batch
+fields do: `ScheduleBatch.tangram_state`, copied to `ForwardBatch.tangram_state` when the
+forward batch is built, to the copy the eager runner makes of it (`EagerRunner.load_batch`)
+and to the padded view the decode CUDA-graph runner hands the backend before a replay
+(`build_replay_fb_view`). A copy SGLang made elsewhere would reach the backend without
+a state, and the backend refuses such a forward by name. Under overlap scheduling the next batch
+is allocated while the previous forward runs; each forward still reads its own batch's
+state.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from tangram_sglang.memory.allocator import Evict, TangramAllocator
 from . import Hook
 
 TARGET = "sglang.srt.mem_cache.allocation"
+STATE = "tangram_state"  # the attribute on ScheduleBatch and ForwardBatch
 
 
 def _evictor(tree_cache: Any) -> Evict | None:
@@ -35,7 +45,7 @@ def alloc_for_extend(original: Any, batch: Any, *args: Any, **kwargs: Any) -> An
     req_to_token = batch.req_to_token_pool.req_to_token
     prefixes = [req_to_token[r, :p] for r, p in zip(rows, batch.prefix_lens, strict=True)]
     new = list(out_cache_loc.split(list(batch.extend_lens)))
-    allocator.begin_extend(rows, prefixes, new, _evictor(batch.tree_cache))
+    setattr(batch, STATE, allocator.begin_extend(rows, prefixes, new, _evictor(batch.tree_cache)))
     return result
 
 
@@ -43,12 +53,49 @@ def alloc_for_decode(original: Any, batch: Any, *args: Any, **kwargs: Any) -> An
     out_cache_loc = original(batch, *args, **kwargs)
     allocator = batch.token_to_kv_pool_allocator
     if isinstance(allocator, TangramAllocator):
-        rows = batch.req_pool_indices.cpu().tolist()
-        allocator.begin_decode(rows, out_cache_loc, _evictor(batch.tree_cache))
+        rows = batch.req_pool_indices_cpu.tolist()  # SGLang's host copy: no device read
+        state = allocator.begin_decode(rows, out_cache_loc, _evictor(batch.tree_cache))
+        setattr(batch, STATE, state)
     return out_cache_loc
+
+
+def forward_batch_init_new(forward_batch: Any, cls: Any, batch: Any, *args: Any, **kw: Any) -> Any:
+    """(`init_new` is a classmethod: the hook gets `cls`.) The forward batch built from
+    `batch` carries its allocation state (None where no tangram allocation preceded it:
+    stock pools, idle batches)."""
+    setattr(forward_batch, STATE, getattr(batch, STATE, None))
+    return forward_batch
+
+
+def eager_copy(copy: Any, runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """The eager runner's copy of the forward batch (`dataclasses.replace`) keeps its state."""
+    setattr(copy, STATE, getattr(forward_batch, STATE, None))
+    return copy
+
+
+def replay_view(view: Any, *args: Any, **kwargs: Any) -> Any:
+    """The decode graph runner's padded view of a forward batch keeps its state."""
+    forward_batch = kwargs["forward_batch"] if "forward_batch" in kwargs else args[0]
+    setattr(view, STATE, getattr(forward_batch, STATE, None))
+    return view
 
 
 HOOKS = (
     Hook(f"{TARGET}.alloc_for_extend", alloc_for_extend, HookType.AROUND),
     Hook(f"{TARGET}.alloc_for_decode", alloc_for_decode, HookType.AROUND),
+    Hook(
+        "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+        forward_batch_init_new,
+        HookType.AFTER,
+    ),
+    Hook(
+        "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch",
+        eager_copy,
+        HookType.AFTER,
+    ),
+    Hook(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view",
+        replay_view,
+        HookType.AFTER,
+    ),
 )

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 BACKEND = "tangram"  # attention backend and radix cache backend name
 SOURCE = "tangram-sglang"  # provenance recorded by ServerArgs.override
 FORCED = {
-    "disable_overlap_schedule": "the allocation hooks hand the next forward its slots",
     # SGLang 0.5.17 captures prefill ("breakable" by default on CUDA) with dummy extend
     # batches that no allocation hook precedes, and our extend builds its segment tables
     # (scoring parts, selection widths) per forward: it stays eager (prefill is

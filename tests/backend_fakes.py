@@ -29,9 +29,19 @@ def fake_layer(layer_id: int, num_q_heads: int, num_kv_heads: int, head_dim: int
     )
 
 
-def fake_batch(mode: ForwardMode, rows):
-    """A `ForwardBatch` of request rows `rows`."""
-    return SimpleNamespace(forward_mode=mode, req_pool_indices=torch.tensor(rows))
+def fake_batch(mode: ForwardMode, rows, state=None):
+    """A `ForwardBatch` of request rows `rows`, carrying the allocation `state` as SGLang's
+    batch does under the plugin (patches/allocation.py)."""
+    extend_lens = None
+    if state is not None and state.mode == "extend":
+        extend_lens = [s.extend_len for s in state.segments]
+    return SimpleNamespace(
+        forward_mode=mode,
+        req_pool_indices=torch.tensor(rows),
+        batch_size=len(rows),
+        extend_seq_lens_cpu=extend_lens,
+        tangram_state=state,
+    )
 
 
 def fake_runner(allocator: TangramAllocator, num_q_heads: int):

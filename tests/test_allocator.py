@@ -202,13 +202,13 @@ def allocator_with(layout: PoolLayout, slots, rule: BudgetRule, logical: int, ro
     return TangramAllocator(logical, TangramKVPool(pool, logical), rule)
 
 
-ROWS_STATE = ("req_to_slot", "group_lens", "row_lens", "row_reserved", "overdrawn", "forward")
+ROWS_STATE = ("req_to_slot", "group_lens", "row_lens", "row_reserved", "overdrawn")
 
 
 def ledger_state(a: TangramAllocator) -> dict:
     """Everything an allocation may change: group and logical free lists, the mapping,
     segment positions, and (`ROWS_STATE`, what freeing never touches) the row tables and
-    lengths, the reservations and the forward state."""
+    lengths and the reservations."""
     pool = a.pool
     return {
         "free": pool.free_slots(),
@@ -220,7 +220,6 @@ def ledger_state(a: TangramAllocator) -> dict:
         "row_lens": a.row_lens.clone(),
         "row_reserved": a.budget.row_reserved.clone(),
         "overdrawn": a.budget.overdrawn.clone(),
-        "forward": a.get_kvcache().forward_state,
     }
 
 

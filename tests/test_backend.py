@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 import torch
 from backend_fakes import fake_batch, fake_layer, fake_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -35,7 +36,7 @@ def extend_and_check(backend, allocator, rows, prefixes, lens, gen, seed):
     the state."""
     new = [allocator.alloc(n) for n in lens]
     state = allocator.begin_extend(rows, prefixes, new)
-    fb = fake_batch(ForwardMode.EXTEND, rows)
+    fb = fake_batch(ForwardMode.EXTEND, rows, state)
     backend.init_forward_metadata(fb)
     pool = allocator.pool
     latest = {}  # (segment, group) -> per slot, the latest kept position over layers/heads
@@ -111,8 +112,8 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
     assert state.segments[0].kept != (lens[0],) * allocator.pool.num_groups
     # Decode one token for every row.
     for _ in range(2):
-        allocator.begin_decode(rows, allocator.alloc(len(rows)))
-        fb = fake_batch(ForwardMode.DECODE, rows)
+        state = allocator.begin_decode(rows, allocator.alloc(len(rows)))
+        fb = fake_batch(ForwardMode.DECODE, rows, state)
         backend.init_forward_metadata(fb)
         for layer_id in range(allocator.pool.num_layers):
             q, k, v = qkv(len(rows), gen)
@@ -137,17 +138,24 @@ def test_extend_and_decode_equal_the_reference_over_compressed_prefixes():
     assert list(state.segments[1].prefix_lens) == owned.tolist(), f"seed {seed}: cut {cut}"
 
 
-def test_a_forward_without_its_allocation_state_is_refused():
+def test_a_forward_without_its_own_allocation_state_is_refused():
+    """The state rides on SGLang's batch: a forward whose batch carries none, another
+    batch's (other size or mode), or a state an earlier forward already used is refused."""
     allocator = make_allocator(random.randrange(10_000))
     runner = fake_runner(allocator, HQ)
     backend = TangramAttnBackend(runner, kernels="torch")
-    allocator.begin_decode([1], allocator.alloc(1))
-    try:
-        backend.init_forward_metadata(fake_batch(ForwardMode.DECODE, [2]))
-    except RuntimeError as exc:
-        assert "no matching allocation state" in str(exc)
-    else:
-        raise AssertionError("a decode of row 2 ran on row 1's allocation state")
+    state = allocator.begin_decode([1], allocator.alloc(1))
+    refused = {
+        "no allocation preceded it": fake_batch(ForwardMode.DECODE, [1]),
+        "the state of a decode of 1 requests": fake_batch(ForwardMode.DECODE, [1, 2], state),
+        "the state of a decode of 1": fake_batch(ForwardMode.EXTEND, [1], state),
+    }
+    for reason, batch in refused.items():
+        with pytest.raises(RuntimeError, match=reason):
+            backend.init_forward_metadata(batch)
+    backend.init_forward_metadata(fake_batch(ForwardMode.DECODE, [1], state))
+    with pytest.raises(RuntimeError, match="served an earlier forward"):
+        backend.init_forward_metadata(fake_batch(ForwardMode.DECODE, [1], state))
 
 
 def flat(profile, ratio: float):
@@ -185,16 +193,16 @@ def test_a_flat_profile_stores_and_attends_exactly_as_uniform():
         gen = torch.Generator().manual_seed(seed)
         rows = [1, 2, 3]
         new = [allocator.alloc(n) for n in lens]
-        allocator.begin_extend(rows, [torch.empty(0, dtype=torch.long)] * 3, new)
-        fb = fake_batch(ForwardMode.EXTEND, rows)
+        state = allocator.begin_extend(rows, [torch.empty(0, dtype=torch.long)] * 3, new)
+        fb = fake_batch(ForwardMode.EXTEND, rows, state)
         backend.init_forward_metadata(fb)
         outs = []
         for layer_id in range(pool.num_layers):
             q, k, v = qkv(sum(lens), gen)
             flat_args = (x.reshape(len(x), -1) for x in (q, k, v))
             outs.append(backend.forward_extend(*flat_args, layer(layer_id), fb))
-        allocator.begin_decode(rows, allocator.alloc(len(rows)))
-        fb = fake_batch(ForwardMode.DECODE, rows)
+        state = allocator.begin_decode(rows, allocator.alloc(len(rows)))
+        fb = fake_batch(ForwardMode.DECODE, rows, state)
         backend.init_forward_metadata(fb)
         for layer_id in range(pool.num_layers):
             q, k, v = qkv(len(rows), gen)

@@ -98,9 +98,8 @@ class Pair:
         new, twin = ([a.alloc(n) for n in lens] for a in self.allocators)
         assert all(map(torch.equal, new, twin)), "the twin allocators diverged"
         states = [a.begin_extend(rows, prefixes, new) for a in self.allocators]
-        fb = fake_batch(ForwardMode.EXTEND, rows)
-        self.torch.init_forward_metadata(fb)
-        self.triton.init_forward_metadata(fb)
+        for backend, state in zip((self.torch, self.triton), states, strict=True):
+            backend.init_forward_metadata(fake_batch(ForwardMode.EXTEND, rows, state))
         prefix_lens = self.pool.group_lens.clone()
         for s in states[1].segments:
             prefix_lens[:, s.row] = torch.tensor(s.prefix_lens, dtype=torch.int32)
@@ -118,11 +117,10 @@ class Pair:
 
     def decode(self, rows):
         logical = [a.alloc(len(rows)) for a in self.allocators]
-        for a, slots in zip(self.allocators, logical, strict=True):
-            a.begin_decode(rows, slots)
-        fb = fake_batch(ForwardMode.DECODE, rows)
-        self.torch.init_forward_metadata(fb)
-        self.triton.init_forward_metadata(fb)
+        backends = (self.torch, self.triton)
+        for a, backend, slots in zip(self.allocators, backends, logical, strict=True):
+            state = a.begin_decode(rows, slots)
+            backend.init_forward_metadata(fake_batch(ForwardMode.DECODE, rows, state))
         for layer_id in range(LAYERS):
             q, k, v = self.qkv(len(rows))
             self.check("decode", layer_id, q, k, v, None, rows)

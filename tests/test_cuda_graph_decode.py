@@ -174,9 +174,8 @@ class GraphRunner:
     def replay(self, rows: list[int], bs: int) -> None:
         """One decode step of `rows` through the graph of batch `bs`, checked."""
         pair, seed = self.pair, self.pair.seed
-        for allocator in pair.allocators:
-            allocator.begin_decode(rows, allocator.alloc(len(rows)))
-        pair.torch.init_forward_metadata(fake_batch(ForwardMode.DECODE, rows))
+        states = [a.begin_decode(rows, a.alloc(len(rows))) for a in pair.allocators]
+        pair.torch.init_forward_metadata(fake_batch(ForwardMode.DECODE, rows, states[0]))
         padded = rows + [0] * (bs - len(rows))
         view = SimpleNamespace(
             forward_mode=ForwardMode.DECODE,
@@ -184,6 +183,7 @@ class GraphRunner:
             batch_size=bs,
             num_padding=bs - len(rows),
             req_pool_indices=torch.tensor(padded, device=DEVICE),
+            tangram_state=states[1],
         )
         self.backend.init_forward_metadata_out_graph(view)
         self.qkv[:bs].normal_()
@@ -304,14 +304,14 @@ def test_a_decode_forward_allocates_only_its_output(monkeypatch):
     pair, _ = _pair(4, torch.float32)
     pair.triton.init_cuda_graph_state(4, 4)
     rows = [2, 5]
-    for allocator in pair.allocators:
-        allocator.begin_decode(rows, allocator.alloc(len(rows)))
+    states = [a.begin_decode(rows, a.alloc(len(rows))) for a in pair.allocators]
     view = SimpleNamespace(
         forward_mode=ForwardMode.DECODE,
         actual_forward_mode=ForwardMode.DECODE,
         batch_size=4,
         num_padding=2,
         req_pool_indices=torch.tensor([*rows, 0, 0], device=DEVICE),
+        tangram_state=states[1],
     )
     pair.triton.init_forward_metadata_out_graph(view)
     q, k, v = pair.qkv(4)
@@ -351,15 +351,15 @@ def test_graph_metadata_refuses_what_a_graph_cannot_serve():
             backend.init_forward_metadata_out_graph(_capture_batch(2, mode), in_capture=True)
     with pytest.raises(ValueError, match="outside 1..2"):
         backend.init_forward_metadata_out_graph(_capture_batch(3), in_capture=True)
-    # A replay whose rows are not the allocation hooks' rows is refused.
-    for allocator in pair.allocators:
-        allocator.begin_decode([1], allocator.alloc(1))
+    # A replay of more real rows than its batch's allocation is refused.
+    states = [a.begin_decode([1], a.alloc(1)) for a in pair.allocators]
     view = SimpleNamespace(
         forward_mode=ForwardMode.DECODE,
         actual_forward_mode=ForwardMode.DECODE,
         batch_size=2,
         num_padding=0,
         req_pool_indices=torch.tensor([1, 3], device=DEVICE),
+        tangram_state=states[1],
     )
     with pytest.raises(RuntimeError, match="no matching allocation state"):
         backend.init_forward_metadata_out_graph(view)
@@ -392,15 +392,15 @@ def test_a_captured_cuda_graph_replays_padded_decode_steps(dtype):
         outs = forward()
     for real in (3, 1):
         rows = random.sample([1, 2, 3, 4, 5], real)
-        for allocator in pair.allocators:
-            allocator.begin_decode(rows, allocator.alloc(real))
-        pair.torch.init_forward_metadata(fake_batch(ForwardMode.DECODE, rows))
+        states = [a.begin_decode(rows, a.alloc(real)) for a in pair.allocators]
+        pair.torch.init_forward_metadata(fake_batch(ForwardMode.DECODE, rows, states[0]))
         view = SimpleNamespace(
             forward_mode=ForwardMode.DECODE,
             actual_forward_mode=ForwardMode.DECODE,
             batch_size=bs,
             num_padding=bs - real,
             req_pool_indices=torch.tensor(rows + [0] * (bs - real), device=DEVICE),
+            tangram_state=states[1],
         )
         backend.init_forward_metadata_out_graph(view)
         qkv.normal_()

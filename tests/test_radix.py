@@ -246,6 +246,32 @@ def test_twin_requests_adopt_the_first_insert_and_straddling_ones_keep_their_own
     assert allocator.pool.free_slots() == start, f"seed {seed}: slots leaked"
 
 
+def test_caching_a_request_keeps_the_decode_slot_overlap_allocated_ahead():
+    """Under overlap scheduling SGLang allocates a request's next decode token before it
+    caches the request's prefill (`cache_unfinished_req` runs with the previous batch's
+    results). The request's group rows must keep that token: rebuilt from the prompt
+    alone, the next decode would overwrite its slot and attention would miss a token."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    prompt = [rng.randrange(VOCAB) for _ in range(20)]
+    first = unfinished_req(cache, allocator, prompt, 1)
+    cache.cache_unfinished_req(first)  # in the tree: the twin below adopts these slots
+    req = unfinished_req(cache, allocator, prompt, 2)
+    ahead = allocator.alloc(1)
+    allocator.begin_decode([2], ahead)
+    cache.req_to_token_pool.req_to_token[2, len(prompt)] = int(ahead)
+    req.kv = SimpleNamespace(kv_allocated_len=len(prompt) + 1)
+    before = [slots[-1] for slots in allocator.row_slots(2)]
+    cache.cache_unfinished_req(req)
+    rows = allocator.row_slots(2)
+    assert torch.equal(req.prefix_indices, first.own), f"seed {seed}: no adoption tested"
+    for g, (slots, theirs) in enumerate(zip(rows, allocator.row_slots(1), strict=True)):
+        assert slots.numel() == theirs.numel() + 1, f"seed {seed}: group {g} lost a slot"
+        assert torch.equal(slots[:-1], theirs), f"seed {seed}: group {g} not re-pointed"
+        assert slots[-1] == before[g], f"seed {seed}: group {g} dropped the decode slot"
+
+
 def test_incremental_evictable_group_slots_equal_a_full_walk_on_random_traces():
     """The O(1) per-group evictable count (kept up to date on insert, split, lock, unlock
     and evict) equals a walk of the tree after every step of a random multi-turn trace

@@ -299,7 +299,7 @@ def _compressed(model_dir, profile_file, device: str, extra=()) -> list[str]:
     return argv + ["--kv-compression", "tangram", "--tangram-profile", str(profile_file), *extra]
 
 
-def test_cuda_decode_runs_in_graphs_while_prefill_and_overlap_stay_off(
+def test_cuda_decode_runs_in_graphs_with_overlap_on_while_prefill_graphs_stay_off(
     model_dir, profile_file, monkeypatch, caplog
 ):
     monkeypatch.delenv("TANGRAM_CUDA_GRAPH", raising=False)
@@ -310,7 +310,7 @@ def test_cuda_decode_runs_in_graphs_while_prefill_and_overlap_stay_off(
     assert not server_args.disable_cuda_graph, "decode graphs forced off on CUDA"
     assert graphs.decode.backend == "full", f"decode graph backend {graphs.decode.backend}"
     assert graphs.prefill.backend == "disabled", f"prefill graphs {graphs.prefill.backend}"
-    assert server_args.disable_overlap_schedule, "overlap scheduling not forced off"
+    assert not server_args.disable_overlap_schedule, "overlap scheduling forced off"
     assert "decodes in CUDA graphs" in caplog.text, caplog.text
     assert "sets disable_prefill_cuda_graph" in caplog.text, caplog.text
 

@@ -136,6 +136,11 @@ class _DecodeBatch:
 
     rows: torch.Tensor  # [B] int32
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # scatter_selected's index args
+    # The pool's group_lens [G, R+1] as allocated for this step. The kernels read this copy:
+    # under overlap scheduling the next step's allocation updates the pool's while this
+    # step may still run (SGLang orders the host's next writes after the forward's staging
+    # only, its WAR barrier).
+    lens: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,8 @@ class DecodeGraphInputs:
     contents (outside the graph) before each replay. Entries past the step's real rows
     are padding: request row 0 and the dummy slot 0 of every group."""
 
-    def __init__(self, max_batch: int, num_groups: int, num_kv_heads: int, device) -> None:
+    def __init__(self, max_batch: int, num_kv_heads: int, group_lens: torch.Tensor) -> None:
+        num_groups, device = group_lens.shape[0], group_lens.device
         self.max_batch = max_batch
         self.rows = torch.full((max_batch,), PADDING_ROW, dtype=torch.int32, device=device)
         # Token i of the step is row i of k/v for every kv head: constant.
@@ -240,8 +246,9 @@ class DecodeGraphInputs:
             (num_groups, max_batch), DUMMY_SLOT, dtype=torch.int64, device=device
         )
         self.counts = torch.zeros((num_groups,), dtype=torch.int32, device=device)
+        self.lens = torch.zeros_like(group_lens)  # the pool's group_lens, copied per step
 
-    def fill(self, batch: int, state: ForwardState | None) -> _DecodeBatch:
+    def fill(self, batch: int, state: ForwardState | None, lens: torch.Tensor) -> _DecodeBatch:
         """Write the step's rows and slots (none: all padding) into the first `batch`
         entries; return the views a forward of `batch` tokens reads."""
         if not 1 <= batch <= self.max_batch:
@@ -260,8 +267,11 @@ class DecodeGraphInputs:
             self.slots[:, :real].copy_(state.decode_slots)
         self.slots[:, real:batch].fill_(DUMMY_SLOT)
         self.counts.fill_(batch)
+        self.lens.copy_(lens)
         return _DecodeBatch(
-            self.rows[:batch], (self.token_index[:, :batch], self.slots[:, :batch], self.counts)
+            self.rows[:batch],
+            (self.token_index[:, :batch], self.slots[:, :batch], self.counts),
+            self.lens,
         )
 
 
@@ -298,7 +308,7 @@ class TritonPath:
                 self.schedule, max_batch, self.pool.layout.head_dim, self.pool.device
             )
         self.graph_inputs = DecodeGraphInputs(
-            max_batch, self.pool.num_groups, self.plan.num_kv_heads, self.pool.device
+            max_batch, self.plan.num_kv_heads, self.pool.group_lens
         )
 
     def stage_graph(self, batch: int, state: ForwardState | None) -> None:
@@ -309,7 +319,7 @@ class TritonPath:
                 "tangram: CUDA-graph metadata before init_cuda_graph_state (SGLang calls "
                 "it before capture)"
             )
-        self.batch = self.graph_inputs.fill(batch, state)
+        self.batch = self.graph_inputs.fill(batch, state, self.pool.group_lens)
 
     def stage(self, state: ForwardState, budgets: _SegmentBudgets | None = None) -> None:
         """Move the forward's rows, lengths and slots to the device once for all layers;
@@ -323,7 +333,9 @@ class TritonPath:
             token_index = torch.arange(batch, device=device).expand(heads, batch)
             counts = torch.full((groups,), batch, dtype=torch.int32, device=device)
             slots = state.decode_slots.to(device=device, dtype=torch.int64)
-            self.batch = _DecodeBatch(rows, (token_index, slots, counts))
+            self.batch = _DecodeBatch(
+                rows, (token_index, slots, counts), self.pool.group_lens.clone()
+            )
             return
         segments = state.segments
         lens = [s.extend_len for s in segments]
@@ -352,7 +364,7 @@ class TritonPath:
 
     def decode(self, q, k, v, layer) -> torch.Tensor:
         decode, _, scatter = self.kernels
-        kv = self.pool.layer_view(layer.layer_id)
+        kv = replace(self.pool.layer_view(layer.layer_id), group_lens=self.batch.lens)
         scatter.scatter_selected(kv, k, v, *self.batch.write)
         out = _new_output(q)
         work = self.schedule.layer(q.shape[0], layer.layer_id)
@@ -401,6 +413,7 @@ class TangramAttnBackend(AttentionBackend):
         self.allocator = allocator
         self.scorer = SCORERS[method or kv_pool.method]()
         self.state: ForwardState | None = None
+        self._last_state: ForwardState | None = None  # a state serves one forward only
         self.owners: KeptOwners | None = None
         self.budgets: _SegmentBudgets | None = None
         layout = self.pool.layout
@@ -432,8 +445,7 @@ class TangramAttnBackend(AttentionBackend):
         if mode.is_mixed() or not (mode.is_decode() or mode.is_extend()):
             raise NotImplementedError(f"attention backend 'tangram' does not run {mode} batches")
         expected = "decode" if mode.is_decode() else "extend"
-        rows = tuple(int(r) for r in forward_batch.req_pool_indices.tolist())
-        self.state = self._take_state(expected, rows)
+        self.state = self._take_state(forward_batch, expected, int(forward_batch.batch_size))
         segments = self.state.segments
         self.owners = self.budgets = None
         if expected == "extend":
@@ -443,15 +455,29 @@ class TangramAttnBackend(AttentionBackend):
         if self.triton is not None:
             self.triton.stage(self.state, self.budgets)
 
-    def _take_state(self, expected: str, rows: tuple[int, ...]) -> ForwardState:
-        """The allocation hooks' state for this forward (consumed), checked against it."""
-        state, self.kv_pool.forward_state = self.kv_pool.forward_state, None
-        if state is None or state.mode != expected or state.rows != rows:
+    def _take_state(self, forward_batch, expected: str, batch_size: int) -> ForwardState:
+        """The allocation state SGLang's batch carries to this forward, checked against
+        what the host knows of the forward (no device read): its mode, its number of
+        requests, each extend's length, and that no earlier forward used it."""
+        state = getattr(forward_batch, "tangram_state", None)
+        found = None if state is None else (state.mode, len(state.rows))
+        problem = None
+        if state is None:
+            problem = "no allocation preceded it"
+        elif state is self._last_state:
+            problem = "its allocation state served an earlier forward"
+        elif state.mode != expected or len(state.rows) != batch_size:
+            problem = f"its batch carries the state of a {found[0]} of {found[1]} requests"
+        elif expected == "extend":
+            lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+            if lens is not None and list(lens) != [s.extend_len for s in state.segments]:
+                problem = f"its extend lengths {list(lens)} differ from the allocation's"
+        if problem:
             raise RuntimeError(
-                f"tangram: the {expected} forward of rows {rows} has no matching allocation "
-                f"state (found {None if state is None else (state.mode, state.rows)}); the "
-                "allocation hooks must run right before each forward (overlap scheduling off)"
+                f"tangram: the {expected} forward of {batch_size} requests has no matching "
+                f"allocation state: {problem} (the allocation hooks must run for every batch)"
             )
+        self._last_state = state
         return state
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
@@ -482,8 +508,7 @@ class TangramAttnBackend(AttentionBackend):
             self.state = None
         else:
             real = batch - int(getattr(forward_batch, "num_padding", 0))
-            rows = tuple(int(r) for r in forward_batch.req_pool_indices[:real].tolist())
-            self.state = self._take_state("decode", rows)
+            self.state = self._take_state(forward_batch, "decode", real)
         self.triton.stage_graph(batch, self.state)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:

@@ -29,9 +29,10 @@ Budget Reservation (`tangram_sglang.memory.reservation`) is the ledger `budget`:
 consumes the kept slots its row reserved; a decode step draws one slot per group from what
 no reservation holds (`make_decode_room` evicts the per-group shortfall first).
 
-`TangramKVPool` is the `KVCache` SGLang holds; it carries the per-forward state the
-allocation hooks write and the `tangram` attention backend reads (overlap scheduling is
-off, so the state written for a batch is the one its forward reads).
+`TangramKVPool` is the `KVCache` SGLang holds. `begin_extend` / `begin_decode` return the
+batch's `ForwardState`; the allocation hooks attach it to SGLang's batch, which carries it
+to its forward (`patches/allocation.py`), so under overlap scheduling a batch allocated
+while the previous one runs cannot hand its state to the wrong forward.
 """
 
 from __future__ import annotations
@@ -122,7 +123,6 @@ class TangramKVPool(KVCache):
         self.method = method  # the scorer the backend compresses with
         self.head_num = pool.layout.num_kv_heads
         self.head_dim = pool.layout.head_dim
-        self.forward_state: ForwardState | None = None
         self.mem_usage = pool.total_bytes() / (1 << 30)
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
@@ -203,7 +203,6 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.budget.clear()
         self.is_not_in_free_group = True
         self.free_group = []
-        self.get_kvcache().forward_state = None
 
     def resize(self, config: Any) -> None:
         raise NotImplementedError("TangramAllocator cannot be resized (--kv-compression)")
@@ -374,9 +373,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             )
         used = torch.tensor(kept, dtype=torch.int64).reshape(len(kept), self.pool.num_groups).T
         self.budget.consume([int(r) for r in rows], used)
-        state = ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))
-        self.get_kvcache().forward_state = state
-        return state
+        return ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))
 
     def begin_decode(
         self, rows: Sequence[int], new: torch.Tensor, evict: Evict | None = None
@@ -403,9 +400,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             device=self.pool.device, dtype=torch.int32
         )
         self._store_lens(host_rows, lens + 1)
-        state = ForwardState("decode", tuple(rows), decode_slots=slots)
-        self.get_kvcache().forward_state = state
-        return state
+        return ForwardState("decode", tuple(rows), decode_slots=slots)
 
     # ---- reporting and checks --------------------------------------------------------
 

@@ -110,8 +110,12 @@ class TangramRadixCache(RadixCache):
             req.prefix_indices = kv_indices.to(dtype=torch.int64, copy=True)
             return
         super().cache_unfinished_req(req, chunked)
+        # The row up to every slot allocated for the request: under overlap scheduling its
+        # next decode token may already be allocated (and appended to its group rows).
         row = req.req_pool_idx
-        self.allocator.rebuild_row(row, self.req_to_token_pool.req_to_token[row, : len(key)])
+        kv = getattr(req, "kv", None)
+        allocated = max(len(key), getattr(kv, "kv_allocated_len", 0) or 0)
+        self.allocator.rebuild_row(row, self.req_to_token_pool.req_to_token[row, :allocated])
 
     def evictable_group_slots(self) -> tuple[int, ...]:
         """Per group, the group slots that evicting every unlocked node would free (O(G):
