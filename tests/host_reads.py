@@ -100,3 +100,139 @@ def _has_bool_index(args) -> bool:
 
 def _has_tensor_repeats(args) -> bool:
     return len(args) == 1 or isinstance(args[1], torch.Tensor)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts, by call site, what would make the host wait for the GPU in a serving step,
+    given which tensors live on the device there (`mark`): the pools, the allocator's maps,
+    SGLang's batch tensors. On CPU every tensor is a host tensor, so device-ness is
+    tracked instead: an op with a device input makes device outputs (views share it).
+
+    - `read`: device data read on the host (`.item()`, `.tolist()`, `.cpu()`, `int()`),
+      or an op whose output size depends on device data (nonzero, boolean masks, ...);
+    - `h2d`: host data moved to the device (`.to(device)`, `torch.tensor(..., device=)`,
+      host values written into a device tensor). From pageable memory such a copy waits
+      for the stream before it starts.
+
+    A site is the innermost frame in the project (tangram_sglang/, patches/, kernels/);
+    `paused()` exempts a block (kernel launches: the interpreter reads their arguments).
+    """
+
+    PROJECT = ("/tangram_sglang/", "/patches/", "/kernels/")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device: set[int] = set()
+        self.kept: list[torch.Tensor] = []  # marked storages stay alive: no address reuse
+        self.events: list[tuple[str, str]] = []  # (kind, site)
+        self.paused_depth = 0
+        self.ops = 0
+
+    def mark(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.numel():
+                self.device.add(t.untyped_storage().data_ptr())
+                self.kept.append(t)
+
+    def on_device(self, t) -> bool:
+        return (
+            isinstance(t, torch.Tensor)
+            and t.numel() > 0
+            and t.untyped_storage().data_ptr() in self.device
+        )
+
+    @contextmanager
+    def paused(self):
+        self.paused_depth += 1
+        try:
+            yield
+        finally:
+            self.paused_depth -= 1
+
+    def _record(self, kind: str) -> None:
+        import traceback
+
+        site = "?"
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            path = frame.filename.replace("\\", "/")
+            if any(part in path for part in self.PROJECT):
+                site = f"{path.rsplit('/', 1)[-1]}:{frame.name}"
+                break
+        self.events.append((kind, site))
+
+    @contextmanager
+    def counting(self, monkeypatch):
+        counter = self
+        real_to, real_tensor = torch.Tensor.to, torch.tensor
+
+        def reading(name):
+            real = getattr(torch.Tensor, name)
+
+            def call(tensor, *args, **kwargs):
+                if counter.paused_depth == 0 and counter.on_device(tensor):
+                    counter._record("read")
+                return real(tensor, *args, **kwargs)
+
+            return call
+
+        def to(tensor, *args, **kwargs):
+            out = real_to(tensor, *args, **kwargs)
+            named = "device" in kwargs or any(isinstance(a, str | torch.device) for a in args)
+            if counter.paused_depth == 0 and named and not counter.on_device(tensor):
+                if tensor.numel():
+                    counter._record("h2d")
+                if out is not tensor:  # on CPU `.to("cpu")` is the host tensor itself
+                    counter.mark(out)
+            return out
+
+        def tensor(data, *args, **kwargs):
+            out = real_tensor(data, *args, **kwargs)
+            if counter.paused_depth == 0 and kwargs.get("device") is not None:
+                counter._record("h2d")
+                counter.mark(out)
+            return out
+
+        with monkeypatch.context() as patch:
+            for name in PATCHED:
+                patch.setattr(torch.Tensor, name, reading(name))
+            patch.setattr(torch.Tensor, "to", to)
+            patch.setattr(torch, "tensor", tensor)
+            with self:
+                yield self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.paused_depth:
+            return out
+        self.ops += 1
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_device = [t for t in inputs if self.on_device(t)]
+        packet = func.overloadpacket
+        if on_device:
+            if _data_sized_or_read(packet, args):
+                self._record("read")
+            written = args[0] if packet in WRITING_OPS and args else None
+            if self.on_device(written) and any(
+                # 0-dim host values (a Python scalar) travel as kernel arguments: no copy.
+                not self.on_device(t) and t.dim() > 0 and t.numel()
+                for t in inputs[1:]
+                if t.dtype != torch.bool
+            ):
+                self._record("h2d")
+            self.mark(*(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)))
+        return out
+
+
+WRITING_OPS = {aten.copy_, aten.index_put_, aten._index_put_impl_, aten.index_copy_}
+
+
+def _data_sized_or_read(packet, args) -> bool:
+    """A host read of its input, or an output whose size depends on its input's data."""
+    return (
+        packet in SYNCING_OPS - {aten.lift_fresh}
+        or (packet in INDEXING_OPS and _has_bool_index(args))
+        or (packet is aten.repeat_interleave and _has_tensor_repeats(args))
+    )
