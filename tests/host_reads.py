@@ -42,11 +42,13 @@ class HostRead(AssertionError):
     """A call that would wait for the device on CUDA."""
 
 
-class HostReadGuard(TorchDispatchMode):
+class _Watch(TorchDispatchMode):
+    """A dispatch mode that watches ops, except inside `paused()` blocks."""
+
     def __init__(self) -> None:
         super().__init__()
         self.paused_depth = 0
-        self.ops = 0  # ops seen while armed (a guard that saw nothing proves nothing)
+        self.ops = 0  # ops seen while watching (a watch that saw nothing proves nothing)
 
     @contextmanager
     def paused(self):
@@ -56,6 +58,8 @@ class HostReadGuard(TorchDispatchMode):
         finally:
             self.paused_depth -= 1
 
+
+class HostReadGuard(_Watch):
     @contextmanager
     def armed(self, monkeypatch):
         """Guard the block: dispatched ops and the patched Tensor methods."""
@@ -102,7 +106,7 @@ def _has_tensor_repeats(args) -> bool:
     return len(args) == 1 or isinstance(args[1], torch.Tensor)
 
 
-class SyncCounter(TorchDispatchMode):
+class SyncCounter(_Watch):
     """Counts, by call site, what would make the host wait for the GPU in a serving step,
     given which tensors live on the device there (`mark`): the pools, the allocator's maps,
     SGLang's batch tensors. On CPU every tensor is a host tensor, so device-ness is
@@ -125,8 +129,6 @@ class SyncCounter(TorchDispatchMode):
         self.device: set[int] = set()
         self.kept: list[torch.Tensor] = []  # marked storages stay alive: no address reuse
         self.events: list[tuple[str, str]] = []  # (kind, site)
-        self.paused_depth = 0
-        self.ops = 0
 
     def mark(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -140,14 +142,6 @@ class SyncCounter(TorchDispatchMode):
             and t.numel() > 0
             and t.untyped_storage().data_ptr() in self.device
         )
-
-    @contextmanager
-    def paused(self):
-        self.paused_depth += 1
-        try:
-            yield
-        finally:
-            self.paused_depth -= 1
 
     def _record(self, kind: str) -> None:
         import traceback
