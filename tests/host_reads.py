@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tangram_sglang.memory import staging
+
 aten = torch.ops.aten
 SYNCING_OPS = {
     aten._local_scalar_dense,
@@ -36,6 +38,7 @@ SYNCING_OPS = {
 }
 INDEXING_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 PATCHED = ("cpu", "tolist", "numpy")
+FACTORIES = ("arange", "empty", "full", "ones", "zeros")
 
 
 class HostRead(AssertionError):
@@ -116,7 +119,9 @@ class SyncCounter(_Watch):
       or an op whose output size depends on device data (nonzero, boolean masks, ...);
     - `h2d`: host data moved to the device (`.to(device)`, `torch.tensor(..., device=)`,
       host values written into a device tensor). From pageable memory such a copy waits
-      for the stream before it starts.
+      for the stream before it starts;
+    - `staged`: a copy through `tangram_sglang.memory.staging.to_device` (pinned,
+      non-blocking: no wait), counted so that a staged copy turned pageable shows.
 
     A site is the innermost frame in the project (tangram_sglang/, patches/, kernels/);
     `paused()` exempts a block (kernel launches: the interpreter reads their arguments).
@@ -186,10 +191,34 @@ class SyncCounter(_Watch):
                 counter.mark(out)
             return out
 
+        def staged(host, device, real=staging.to_device):
+            out = real(host, device)
+            if counter.paused_depth == 0:
+                counter._record("staged")
+                if out is host:  # on CPU: what the device copy would be, as its own tensor
+                    with counter.paused():
+                        out = host.clone()
+                counter.mark(out)
+            return out
+
+        def made_on(factory):
+            """A tensor made with an explicit `device=` is made there (no copy)."""
+
+            def call(*args, **kwargs):
+                out = factory(*args, **kwargs)
+                if kwargs.get("device") is not None:
+                    counter.mark(out)
+                return out
+
+            return call
+
         with monkeypatch.context() as patch:
             for name in PATCHED:
                 patch.setattr(torch.Tensor, name, reading(name))
             patch.setattr(torch.Tensor, "to", to)
+            patch.setattr(staging, "to_device", staged)
+            for name in FACTORIES:
+                patch.setattr(torch, name, made_on(getattr(torch, name)))
             patch.setattr(torch, "tensor", tensor)
             with self:
                 yield self

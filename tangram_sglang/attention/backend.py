@@ -61,6 +61,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from tangram_sglang.attention.aot_plan import AotPlan
 from tangram_sglang.compress import SCORERS, SegmentBatch, check_budgets, select_batch
 from tangram_sglang.compress.write import write_selected
+from tangram_sglang.memory import staging
 from tangram_sglang.memory.allocator import (
     ExtendSegment,
     ForwardState,
@@ -262,7 +263,7 @@ class DecodeGraphInputs:
         rows = torch.full((batch,), PADDING_ROW, dtype=torch.int32)
         if real:
             rows[:real] = torch.tensor(state.rows, dtype=torch.int32)
-        self.rows[:batch].copy_(rows)
+        self.rows[:batch].copy_(staging.to_device(rows, self.rows.device))
         if real:
             self.slots[:, :real].copy_(state.decode_slots)
         self.slots[:, real:batch].fill_(DUMMY_SLOT)
@@ -326,7 +327,7 @@ class TritonPath:
         an extend where some segment compresses also gets its kept tokens' scatter, laid out
         like `budgets` (the batched selection's segments and width)."""
         device = self.pool.device
-        rows = torch.tensor(state.rows, dtype=torch.int32, device=device)
+        rows = staging.to_device(torch.tensor(state.rows, dtype=torch.int32), device)
         if state.mode == "decode":
             groups, batch = state.decode_slots.shape
             heads = self.plan.num_kv_heads

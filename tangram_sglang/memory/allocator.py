@@ -47,6 +47,7 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 
+from tangram_sglang.memory import staging
 from tangram_sglang.memory.budget import (
     BudgetRule,
     Workload,
@@ -223,7 +224,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         starts = torch.cumsum(lens, 0) - lens
         positions = torch.arange(int(lens.sum())) - starts.repeat_interleave(lens)
         index = logical.to(device=self.seg_pos.device, dtype=torch.int64)
-        self.seg_pos[index] = positions.to(self.seg_pos.device)
+        self.seg_pos[index] = staging.to_device(positions, self.seg_pos.device)
 
     def assign_owners(self, segment: ExtendSegment, owners: Sequence[torch.Tensor | None]) -> None:
         """After the forward of compressed `segment`: per group, `owners[g]` `[k_g]` holds
@@ -271,13 +272,14 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         lens = torch.tensor([[s.numel()] for s in slots], dtype=torch.int64)
         self._store_lens(torch.tensor([row]), lens)
 
-    def _store_lens(self, rows: torch.Tensor, lens: torch.Tensor) -> None:
+    def _store_lens(self, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """The one place a row's group lengths change: the host copy (scheduling decisions)
-        and the pool's device table (what the kernels read)."""
+        and the pool's device table (what the kernels read), through one staged copy of
+        `[rows; lens]` (`[1 + G, B]`), which it returns."""
         self.row_lens[:, rows] = lens
-        self.pool.group_lens[:, rows.to(self.pool.device)] = lens.to(
-            device=self.pool.device, dtype=torch.int32
-        )
+        staged = staging.to_device(torch.cat((rows[None, :], lens)), self.pool.device)
+        self.pool.group_lens[:, staged[0]] = staged[1:].to(torch.int32)
+        return staged
 
     def rebuild_row(self, row: int, logical: torch.Tensor) -> None:
         """Point request row `row` at the group slots of its logical slots `logical`."""
@@ -384,8 +386,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             raise ValueError(f"decode: {new.numel()} new logical slots for {len(rows)} rows")
         G = self.pool.num_groups
         self._ensure_free([len(rows)] * G, evict, "decode")
-        self._new_segments(new, [1] * len(rows))
         index = new.to(self.logical_to_group.device).long()
+        self.seg_pos[index] = 0  # each decoded token is a segment of its own
         host_rows = torch.tensor(rows, dtype=torch.int64)
         lens = self.row_lens[:, host_rows]
         if lens.numel() and int(lens.max()) >= self.pool.max_context:
@@ -394,12 +396,11 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             )
         slots = torch.stack([self.pool.allocators[g].alloc(len(rows)) for g in range(G)])
         self.logical_to_group[:, index] = slots.to(self.logical_to_group.device)
-        device_rows = host_rows.to(self.pool.device)
+        staged = self._store_lens(host_rows, lens + 1)  # [rows; lens + 1] on the device
         groups = torch.arange(G, device=self.pool.device)[:, None]
-        self.pool.req_to_slot[groups, device_rows[None, :], lens.to(self.pool.device)] = slots.to(
+        self.pool.req_to_slot[groups, staged[0][None, :], staged[1:] - 1] = slots.to(
             device=self.pool.device, dtype=torch.int32
         )
-        self._store_lens(host_rows, lens + 1)
         return ForwardState("decode", tuple(rows), decode_slots=slots)
 
     # ---- reporting and checks --------------------------------------------------------
