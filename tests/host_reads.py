@@ -192,7 +192,8 @@ class SyncCounter(_Watch):
             return out
 
         def staged(host, device, real=staging.to_device):
-            out = real(host, device)
+            with counter.paused():  # its own pinned, non-blocking copy is not a wait
+                out = real(host, device)
             if counter.paused_depth == 0:
                 counter._record("staged")
                 if out is host:  # on CPU: what the device copy would be, as its own tensor
