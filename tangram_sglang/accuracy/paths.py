@@ -58,8 +58,15 @@ class Setting:
         return HeadBudgets(self.name, ratios, self.method)
 
     def server_args(self, main_profile: Path) -> list[str]:
-        """Flags on top of the CPU server's; full KV is stock SGLang (no plugin)."""
+        """Flags on top of the CPU server's; full KV is stock SGLang (no plugin).
+
+        Overlap scheduling off: the reference path models SGLang's plain schedule, where a
+        turn's last answer token never runs through the model. With overlap SGLang runs
+        it one step ahead and caches its KV, so the next turn reuses it as a one-token
+        segment instead of computing it in that turn's (compressed) extend.
+        """
         common = ["--chunked-prefill-size", "8192", "--max-running-requests", "8"]
+        common += ["--disable-overlap-schedule"]
         if self.mode == "full":
             return common
         args = ["--kv-compression", self.mode, "--tangram-ratio", str(self.ratio)]
