@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tangram_sglang.memory import staging
 from tangram_sglang.memory.ragged_kv import RaggedKV
 
 
@@ -153,10 +154,10 @@ class SelectionScatter:
         for g, s in enumerate(group_slots):
             slots[g, : s.shape[0]] = s.to(device)
         return cls(
-            torch.tensor(starts, dtype=torch.int64).to(device),
-            positions.to(device),
+            staging.to_device(torch.tensor(starts, dtype=torch.int64), device),
+            staging.to_device(positions, device),
             slots,
-            counts.to(device=device, dtype=torch.int32),
+            staging.to_device(counts.to(torch.int32), device),
         )
 
     def args(

@@ -173,7 +173,7 @@ class _SegmentBudgets:
         starts = [sum(lens[:i]) for i in range(len(lens))]
         return cls(
             SegmentBatch(starts, lens, device),
-            torch.tensor(kept, dtype=torch.int64).to(device),
+            staging.to_device(torch.tensor(kept, dtype=torch.int64), device),
             max(max(k) for k in kept),
         )
 
@@ -342,7 +342,7 @@ class TritonPath:
         lens = [s.extend_len for s in segments]
         prefix_lens = torch.zeros_like(self.pool.group_lens)
         prefix = torch.tensor([s.prefix_lens for s in segments], dtype=torch.int32).T
-        prefix_lens[:, rows.long()] = prefix.to(device)
+        prefix_lens[:, rows.long()] = staging.to_device(prefix, device)
         slots = tuple(
             torch.cat([s.slots[g].to(device) for s in segments])
             for g in range(self.pool.num_groups)
@@ -356,7 +356,7 @@ class TritonPath:
             )
         self.batch = _ExtendBatch(
             rows,
-            torch.tensor(lens, dtype=torch.int32, device=device),
+            staging.to_device(torch.tensor(lens, dtype=torch.int32), device),
             max(lens, default=0),
             prefix_lens,
             slots,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tangram_sglang.memory import staging
 from tangram_sglang.memory.budget import BudgetRule
 
 # `partition_by_length` (max_padding, min_tokens) per device type, when not given. On CPU
@@ -82,7 +83,7 @@ class SegmentBatch:
         self.lens = tuple(int(x) for x in lens)
         self.width = max(self.lens)
         self.end = max(a + n for a, n in zip(self.starts, self.lens, strict=True))
-        self.lengths = torch.tensor(self.lens).to(device)  # [S] int64
+        self.lengths = staging.to_device(torch.tensor(self.lens), device)  # [S] int64
         default_padding, default_tokens = PART_DEFAULTS.get(torch.device(device).type, (2.0, 4096))
         max_padding = default_padding if max_padding is None else max_padding
         min_tokens = default_tokens if min_tokens is None else min_tokens
@@ -121,12 +122,14 @@ class PaddedSegments:
         self.width = max(self.lens)
         first, count = torch.tensor(self.starts), torch.tensor(self.lens)
         pos = torch.arange(self.width)
-        self.index = torch.tensor(self.order).to(device)  # [n]: rows of the batch's scores
-        self.lengths = count.to(device)  # [n] int64
-        self.positions = pos.to(device)  # [width]
-        self.valid = (pos < count[:, None]).to(device)  # [n, width]: a real token
+        self.index = staging.to_device(torch.tensor(self.order), device)  # [n]: score rows
+        self.lengths = staging.to_device(count, device)  # [n] int64
+        self.positions = staging.to_device(pos, device)  # [width]
+        self.valid = staging.to_device(pos < count[:, None], device)  # [n, width]: real tokens
         # [n, width]: row of each token, padding clamped to the segment's last row.
-        self.rows = (first[:, None] + torch.minimum(pos, count[:, None] - 1)).to(device)
+        self.rows = staging.to_device(
+            first[:, None] + torch.minimum(pos, count[:, None] - 1), device
+        )
         self._windows: dict[tuple[int, int], Window] = {}
 
     def __len__(self) -> int:
