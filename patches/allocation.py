@@ -9,9 +9,9 @@ fields do: `ScheduleBatch.tangram_state`, copied to `ForwardBatch.tangram_state`
 forward batch is built, to the copy the eager runner makes of it (`EagerRunner.load_batch`)
 and to the padded view the decode CUDA-graph runner hands the backend before a replay
 (`build_replay_fb_view`). A copy SGLang made elsewhere would reach the backend without
-a state, and the backend refuses such a forward by name. Under overlap scheduling the next batch
-is allocated while the previous forward runs; each forward still reads its own batch's
-state.
+a state, and the backend refuses such a forward by name. Under overlap scheduling the
+next batch is allocated while the previous forward runs; each forward still reads its
+own batch's state.
 """
 
 from __future__ import annotations
@@ -59,25 +59,27 @@ def alloc_for_decode(original: Any, batch: Any, *args: Any, **kwargs: Any) -> An
     return out_cache_loc
 
 
+def _carry(source: Any, target: Any) -> Any:
+    """`target`, a batch object SGLang built from `source`, with `source`'s state."""
+    setattr(target, STATE, getattr(source, STATE, None))
+    return target
+
+
 def forward_batch_init_new(forward_batch: Any, cls: Any, batch: Any, *args: Any, **kw: Any) -> Any:
     """(`init_new` is a classmethod: the hook gets `cls`.) The forward batch built from
     `batch` carries its allocation state (None where no tangram allocation preceded it:
     stock pools, idle batches)."""
-    setattr(forward_batch, STATE, getattr(batch, STATE, None))
-    return forward_batch
+    return _carry(batch, forward_batch)
 
 
 def eager_copy(copy: Any, runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     """The eager runner's copy of the forward batch (`dataclasses.replace`) keeps its state."""
-    setattr(copy, STATE, getattr(forward_batch, STATE, None))
-    return copy
+    return _carry(forward_batch, copy)
 
 
 def replay_view(view: Any, *args: Any, **kwargs: Any) -> Any:
     """The decode graph runner's padded view of a forward batch keeps its state."""
-    forward_batch = kwargs["forward_batch"] if "forward_batch" in kwargs else args[0]
-    setattr(view, STATE, getattr(forward_batch, STATE, None))
-    return view
+    return _carry(kwargs["forward_batch"] if "forward_batch" in kwargs else args[0], view)
 
 
 HOOKS = (

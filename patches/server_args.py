@@ -10,8 +10,7 @@ the instance read-only. Scheduler and detokenizer processes receive the instance
 Without `--kv-compression` (or with `none`) SGLang's own objects pass through unchanged.
 With it, the radix overrides' self-test (`tangram_sglang.memory.radix.self_test`) runs first.
 
-Forced with `--kv-compression` (each logged): overlap scheduling off (the allocation hooks
-hand the forward they precede its slots); prefill CUDA graphs off (see `FORCED`); decode
+Forced with `--kv-compression` (each logged): prefill CUDA graphs off (see `FORCED`); decode
 CUDA graphs off only where the backend cannot be captured (`cuda_graph_blocker`: not
 CUDA, the torch path, or `TANGRAM_CUDA_GRAPH=0`).
 """

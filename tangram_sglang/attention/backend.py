@@ -23,8 +23,8 @@ reuses exactly the group slots that hold only earlier tokens.
 Decode: the token's K/V go to its new slot in every group, then each head attends over
 its group's slots (`reference.ragged_decode` semantics).
 
-The slots come from the per-forward state the allocation hooks wrote on `TangramKVPool`;
-this backend only reads it.
+The slots come from the per-forward state the allocation hooks attached to SGLang's batch
+(`patches/allocation.py`); this backend only reads it.
 
 Two paths compute the same function (`kernels=` or `TANGRAM_BACKEND_KERNELS=triton|torch`;
 default triton on CUDA, torch elsewhere): the torch path above (CPU serving; exact
