@@ -330,6 +330,7 @@ def _split_kernel(
     Out,
     LseOut,
     qk_scale,
+    v_scale,
     stride_qb,
     stride_qh,
     stride_kr,
@@ -425,7 +426,9 @@ def _split_kernel(
         k, v = load_ragged_kv(
             K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_n, mask_n, offs_d, mask_d
         )
-        m_i, l_i, acc = online_update(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
+        m_i, l_i, acc = online_update(
+            q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, v_scale, DOT_F32
+        )
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -667,7 +670,8 @@ def decode_attention(
         workspace.arrivals,
         out,
         lse if lse is not None else workspace.lse_part,
-        sm_scale * LOG2E,
+        sm_scale * LOG2E * kv.k_scale,
+        kv.v_scale,
         q.stride(0),
         q.stride(1),
         kv.k.stride(0),

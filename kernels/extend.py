@@ -4,7 +4,8 @@ One pass with an online softmax: a program owns BLOCK_M new tokens of one reques
 one q head; it first walks the prefix of the head's group (`req_to_slot[g, r,
 :group_lens[g, r]]`, the lengths before this chunk is written), then the request's new
 tokens j <= i straight from the chunk's scratch `k_new`/`v_new` (DESIGN 3: the new
-chunk's full KV never touches the pool before compression). The grid is
+chunk's full KV never touches the pool before compression). With an FP8 pool the prefix is
+read dequantized and the new tokens unquantized, as SGLang's Triton extend does. The grid is
 (ceil(max_extend_len / BLOCK_M), Hq, B); tiles past a request's length do nothing.
 """
 
@@ -37,6 +38,8 @@ def _extend_kernel(
     ExtendLens,
     ExtendStarts,
     qk_scale,
+    k_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_knt,
@@ -98,7 +101,7 @@ def _extend_kernel(
                 K, V, slot_ptr, base, stride, stride_kr, stride_vr, offs_n, mask_n, offs_d, mask_d
             )
             m_i, l_i, acc = online_update(
-                q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale, DOT_F32
+                q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale * k_scale, v_scale, DOT_F32
             )
 
         causal_end = tl.minimum(n_new, (m_block + 1) * BLOCK_M)
@@ -114,7 +117,7 @@ def _extend_kernel(
                 VNew + tok * stride_vnt + h * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0
             )
             keep = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
-            m_i, l_i, acc = online_update(q, k, v, keep, m_i, l_i, acc, qk_scale, DOT_F32)
+            m_i, l_i, acc = online_update(q, k, v, keep, m_i, l_i, acc, qk_scale, 1.0, DOT_F32)
 
         o = acc / l_i[:, None]
         tl.store(
@@ -200,6 +203,8 @@ def extend_attention(
         extend_lens,
         extend_starts,
         sm_scale * LOG2E,
+        kv.k_scale,
+        kv.v_scale,
         q.stride(0),
         q.stride(1),
         k_new.stride(0),

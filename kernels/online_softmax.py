@@ -1,5 +1,6 @@
 """Triton building blocks shared by the decode and extend kernels: one tile of ragged K/V
-read through a head's group slots, and the fp32 online-softmax update (base 2)."""
+read through a head's group slots, and the fp32 online-softmax update (base 2), which also
+reads FP8 K/V."""
 
 import triton
 import triton.language as tl
@@ -19,8 +20,15 @@ def load_ragged_kv(
 
 
 @triton.jit
-def online_update(q, k, v, keep, m_i, l_i, acc, qk_scale, DOT_F32: tl.constexpr):
-    """Fold one K/V tile into the running (max, sum, acc); `keep` masks [rows, tile]."""
+def online_update(q, k, v, keep, m_i, l_i, acc, qk_scale, v_scale, DOT_F32: tl.constexpr):
+    """Fold one K/V tile into the running (max, sum, acc); `keep` masks [rows, tile].
+
+    K/V may be stored narrower than q (FP8): they are widened to q's dtype (exact for
+    e4m3/e5m2 into fp16/bf16/fp32), their scales folded into `qk_scale` (K) and into the
+    probabilities the values are weighted with (`v_scale`; the softmax sum stays unscaled).
+    """
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -30,5 +38,5 @@ def online_update(q, k, v, keep, m_i, l_i, acc, qk_scale, DOT_F32: tl.constexpr)
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(v.dtype), v)
     return m_new, l_i, acc

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "tangram"  # attention backend and radix cache backend name
 SOURCE = "tangram-sglang"  # provenance recorded by ServerArgs.override
+# --kv-cache-dtype values the pools store (per-tensor scales, SGLang's convention); the
+# block-scaled ones (mxfp8, nvfp4, fp4_mx_block16) keep scale tensors we do not lay out.
+KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 FORCED = {
     # SGLang 0.5.17 captures prefill ("breakable" by default on CUDA) with dummy extend
     # batches that no allocation hook precedes, and our extend builds its segment tables
@@ -107,8 +110,11 @@ def unsupported(args: Any) -> list[str]:
         found.append("hierarchical cache (--enable-hierarchical-cache)")
     if args.tp_size > 1:
         found.append(f"tensor parallelism (--tp-size {args.tp_size}; one GPU per server for now)")
-    if "fp8" in str(args.kv_cache_dtype):
-        found.append(f"FP8 KV (--kv-cache-dtype {args.kv_cache_dtype}; not yet)")
+    if str(args.kv_cache_dtype) not in KV_CACHE_DTYPES:
+        found.append(
+            f"block-scaled KV (--kv-cache-dtype {args.kv_cache_dtype}; the head-group pools "
+            f"store {', '.join(KV_CACHE_DTYPES[1:])})"
+        )
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
     if args.enable_dp_attention:

@@ -16,6 +16,7 @@ from tangram_sglang.offline.capacity import capacity_plan, format_plan
 from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError
 
 DEFAULT_PROFILE = "smollm2-135m-instruct.headkv.yaml"
+KV_BYTES = {"bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp32": 4}  # bytes per element
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,11 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", help=f"profile YAML (default: shipped {DEFAULT_PROFILE})")
     plan.add_argument("--kv-gib", type=float, default=1.0, help="KV memory budget in GiB")
     plan.add_argument(
-        "--dtype-bytes",
-        type=int,
-        default=2,
-        choices=(1, 2, 4),
-        help="bytes per KV element: 2 for bf16/fp16, 1 for fp8, 4 for fp32",
+        "--kv-cache-dtype",
+        default="bf16",
+        choices=tuple(KV_BYTES),
+        help="KV element type, as SGLang's flag names it (fp8: one byte per element)",
     )
     plan.add_argument("--page-size", type=int, default=1, help="tokens per KV page")
     plan.add_argument(
@@ -100,13 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--turns must be >= 1 and token counts >= 0")
         workload = Workload(args.context, args.turns, args.user_tokens, args.answer_tokens)
         kv_bytes = int(args.kv_gib * 2**30)
-        plan = capacity_plan(
-            profile, kv_bytes, workload, args.dtype_bytes, args.page_size, args.ratio
-        )
+        dtype_bytes = KV_BYTES[args.kv_cache_dtype]
+        plan = capacity_plan(profile, kv_bytes, workload, dtype_bytes, args.page_size, args.ratio)
     except (ProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_plan(plan, profile, kv_bytes, workload, args.dtype_bytes))
+    print(format_plan(plan, profile, kv_bytes, workload, dtype_bytes))
     return 0
 
 

@@ -39,6 +39,7 @@ from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool  # n
 from tangram_sglang.memory.budget import BudgetRule  # noqa: E402
 from tangram_sglang.memory.layout import PoolLayout  # noqa: E402
 from tangram_sglang.memory.pool import RaggedPool  # noqa: E402
+from tangram_sglang.memory.ragged_kv import dequantize, quantize  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DIM = 64 if CUDA else 16
@@ -48,6 +49,7 @@ RULE = BudgetRule(sink=2, window=3)
 # On a GPU, Triton's fp32 tl.dot runs as TF32 (10-bit mantissa, ~1e-3 relative error:
 # measured 1.5e-3 on the H100); the interpreter computes in full fp32.
 TOL = {torch.float32: 5e-3 if CUDA else 1e-4, torch.bfloat16: 2.5e-2}
+FP8 = torch.float8_e4m3fn
 
 
 def random_layout(num_kv_heads: int) -> PoolLayout:
@@ -71,9 +73,18 @@ def poisoned_allocator(layout: PoolLayout, dtype: torch.dtype) -> TangramAllocat
 class Pair:
     """The same forwards through a torch backend and a Triton backend (own pools each)."""
 
-    def __init__(self, layout: PoolLayout, hq: int, dtype: torch.dtype, seed: int) -> None:
+    def __init__(
+        self,
+        layout: PoolLayout,
+        hq: int,
+        dtype: torch.dtype,
+        seed: int,
+        kv_dtype: torch.dtype | None = None,
+        scales: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
         self.hq, self.hkv, self.dtype, self.seed = hq, layout.num_kv_heads, dtype, seed
-        self.allocators = [poisoned_allocator(layout, dtype) for _ in range(2)]
+        self.kv_dtype, self.scales = kv_dtype or dtype, scales
+        self.allocators = [poisoned_allocator(layout, self.kv_dtype) for _ in range(2)]
         torch_runner, triton_runner = (fake_runner(a, hq) for a in self.allocators)
         self.torch = TangramAttnBackend(torch_runner, kernels="torch")
         self.triton = TangramAttnBackend(
@@ -105,8 +116,14 @@ class Pair:
             prefix_lens[:, s.row] = torch.tensor(s.prefix_lens, dtype=torch.int32)
         for layer_id in range(LAYERS):
             q, k, v = self.qkv(sum(lens))
-            view = dataclasses.replace(self.pool.layer_view(layer_id), group_lens=prefix_lens)
-            expected = ragged_extend(q, k, v, lens, view, rows, DIM**-0.5)
+            view = dataclasses.replace(self.view(layer_id), group_lens=prefix_lens)
+            # The Triton path attends the new tokens unquantized (SGLang's Triton extend),
+            # the torch path as stored (torch_native reads them back from its pool).
+            stored = [self.as_stored(x, s) for x, s in zip((k, v), self.scales, strict=True)]
+            expected = (
+                ragged_extend(q, *stored, lens, view, rows, DIM**-0.5),
+                ragged_extend(q, k, v, lens, view, rows, DIM**-0.5),
+            )
             self.check("extend", layer_id, q, k, v, expected, lens)
         a, b = (alloc.logical_to_group for alloc in self.allocators)
         assert torch.equal(a, b), (
@@ -125,8 +142,18 @@ class Pair:
             q, k, v = self.qkv(len(rows))
             self.check("decode", layer_id, q, k, v, None, rows)
 
+    def view(self, layer_id: int):
+        return self.pool.layer_view(layer_id, *self.scales)
+
+    def as_stored(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """`x` as attention reads it back from the pool (float64)."""
+        return dequantize(quantize(x, self.kv_dtype, scale), torch.float64, scale)
+
     def check(self, what, layer_id, q, k, v, expected, detail):
+        """`expected`: the torch path's and the Triton path's reference outputs (decode:
+        None, the same for both, from the K/V both just wrote)."""
         layer = fake_layer(layer_id, self.hq, self.hkv, DIM)
+        layer.k_scale_float, layer.v_scale_float = self.scales
         mode = ForwardMode.EXTEND if what == "extend" else ForwardMode.DECODE
         outs = []
         for backend in (self.torch, self.triton):
@@ -138,19 +165,25 @@ class Pair:
                 outs.append(forward(*flat, layer, batch).view_as(q))
         if expected is None:  # decode: the reference reads the token both just wrote
             rows = list(self.triton.state.rows)
-            expected = ragged_decode(q, self.pool.layer_view(layer_id), rows, DIM**-0.5)
-        where = f"{what} layer {layer_id} {self.dtype} gqa {self.hq // self.hkv} {detail}"
-        tol = TOL[self.dtype]
-        assert_rows_close(outs[1], expected, tol, f"triton vs reference, {where}", self.seed)
-        assert_rows_close(
-            outs[1], outs[0].double(), 2 * tol, f"triton vs torch, {where}", self.seed
+            expected = (ragged_decode(q, self.view(layer_id), rows, DIM**-0.5),) * 2
+        where = (
+            f"{what} layer {layer_id} {self.dtype} kv {self.kv_dtype} scales {self.scales} "
+            f"gqa {self.hq // self.hkv} {detail}"
         )
+        tol = TOL[self.dtype]
+        for name, out, ref in zip(("torch", "triton"), outs, expected, strict=True):
+            assert_rows_close(out, ref, tol, f"{name} vs reference, {where}", self.seed)
+        if self.kv_dtype == self.dtype:
+            assert_rows_close(
+                outs[1], outs[0].double(), 2 * tol, f"triton vs torch, {where}", self.seed
+            )
         a, b = (alloc.pool for alloc in self.allocators)
         for name in ("k_storage", "v_storage"):
             mine, theirs = getattr(b, name)[layer_id], getattr(a, name)[layer_id]
-            assert torch.equal(mine.isnan(), theirs.isnan()) and torch.equal(
-                mine.nan_to_num(), theirs.nan_to_num()
-            ), f"{where}: the Triton path stored other {name} than the torch path, seed {self.seed}"
+            assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)), (
+                f"{where}: the Triton path stored other {name} bytes than the torch path, "
+                f"seed {self.seed}"
+            )
         allocator = self.allocators[1]
         assert torch.equal(allocator.row_lens, self.pool.group_lens.cpu().long()), (
             f"{where}: the pool's group_lens (what the kernels read) differ from the "
@@ -177,14 +210,21 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(backend_module, "_new_output", lambda q: torch.full_like(q, math.nan))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype, kv_dtype",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, FP8)],
+    ids=["fp32", "bf16", "bf16-fp8-kv"],
+)
 @pytest.mark.parametrize("gqa", [1, 4])
-def test_triton_path_matches_torch_path_and_reference(gqa, dtype, poisoned_outputs):
+def test_triton_path_matches_torch_path_and_reference(gqa, dtype, kv_dtype, poisoned_outputs):
+    """An FP8 pool (with checkpoint-like scales) included: both paths quantize alike, read
+    the stored values times the scales, and select from the unquantized K."""
     seed = random.SystemRandom().randrange(2**31)
     random.seed(seed)
     torch.manual_seed(seed)
     hkv = 4 if gqa == 1 else 2
-    pair = Pair(random_layout(hkv), hkv * gqa, dtype, seed)
+    scales = (random.uniform(0.3, 3.0), random.uniform(0.3, 3.0)) if kv_dtype else (1.0, 1.0)
+    pair = Pair(random_layout(hkv), hkv * gqa, dtype, seed, kv_dtype, scales)
     none = torch.empty(0, dtype=torch.long)
     # Turn 1: compressed segments around a short uncompressed one and a single token.
     short = RULE.sink + RULE.window

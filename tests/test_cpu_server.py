@@ -19,148 +19,22 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 import pytest
-import requests
+from server_sessions import (
+    CHUNK,
+    COMPRESSED,
+    NEW_TOKENS,
+    SHIPPED_PROFILE,
+    SYSTEM,
+    run_conversation,
+    transcript,
+    workload,
+)
 
 from tangram_sglang.cpu.server import Launch, failed_start, running_servers
-from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS, corpus
 
 pytestmark = pytest.mark.server
-
-VOCAB = 1024
-NEW_TOKENS = 12
-SHIPPED_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "tiny-qwen3.ada-snapkv.yaml"
-# The ragged pools keep one request table per head group ([groups, rows, largest group]):
-# few request rows keep it small.
-COMPRESSED = ("--max-running-requests", "16")
-CHUNK = 64  # --chunked-prefill-size of the compressed conversation's server
-SYSTEM = 100  # a second session shares this many first tokens (inside the second chunk)
-
-
-def _workload(seed: int) -> dict:
-    """Prompts (token ids, no special tokens), a two-turn session and a chat message."""
-    rng = random.Random(seed)
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(len(SPECIAL_TOKENS), VOCAB) for _ in range(n)]
-
-    return {
-        "prompts": [ids(rng.randint(8, 64)) for _ in range(3)],
-        "turn1": ids(48),
-        "user2": ids(16),
-        "chat": rng.choice(corpus(lines=50, seed=seed)),
-    }
-
-
-def _transcript(server, work: dict) -> dict:
-    prompts = [server.generate(p, NEW_TOKENS)["output_ids"] for p in work["prompts"]]
-    turn1 = server.generate(work["turn1"], NEW_TOKENS)
-    turn2 = server.generate(work["turn1"] + turn1["output_ids"] + work["user2"], NEW_TOKENS)
-    chat = server.post(
-        "/v1/chat/completions",
-        {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": work["chat"]}],
-            "max_tokens": NEW_TOKENS,
-            "temperature": 0.0,
-        },
-    )
-    return {
-        "prompts": prompts,
-        "turns": [turn1["output_ids"], turn2["output_ids"]],
-        "turn2_cached": turn2["meta_info"]["cached_tokens"],
-        "chat": chat["choices"][0]["message"]["content"],
-    }
-
-
-def _pool(server) -> dict:
-    response = requests.get(f"{server.url}/server_info", timeout=30)
-    assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
-    return response.json()["internal_states"][0]["tangram_pool"]
-
-
-def _flush(server) -> None:
-    response = requests.post(f"{server.url}/flush_cache", timeout=30)
-    assert response.ok, f"/flush_cache -> {response.status_code}: {response.text[:300]}"
-
-
-def _post_ids(server, prompt: list[int], **params) -> tuple[int, str]:
-    """Status and body of a greedy `/generate` of `prompt` (4 new tokens unless `params`)."""
-    params = {"temperature": 0.0, "max_new_tokens": 4, **params}
-    response = requests.post(
-        f"{server.url}/generate",
-        json={"input_ids": prompt, "sampling_params": params},
-        timeout=120,
-    )
-    return response.status_code, response.text
-
-
-def _never_fits(server, ids, slots: list[int]) -> tuple[int, str]:
-    """A prompt that no head group can hold even empty (twice the largest group's slots;
-    a chunk of 64 keeps at least its 36 sink + window tokens in every group), yet within
-    the model's context. (A decode budget beyond the pools is clipped, as stock clips it.)"""
-    return _post_ids(server, ids(2 * max(slots)))
-
-
-def _frontend_program(server) -> list[tuple[str, int]]:
-    """An SGLang frontend program (`sgl.function` with system/user/assistant turns) run
-    against the server: each turn's answer and its cached prompt tokens."""
-    import sglang as sgl
-
-    @sgl.function
-    def multi_turn(s, questions):
-        s += sgl.system("Answer briefly. " * 20)
-        for i, question in enumerate(questions):
-            s += sgl.user(question)
-            s += sgl.assistant(sgl.gen(f"a{i}", max_tokens=NEW_TOKENS, temperature=0))
-
-    questions = ["which river is the longest " * 5, "and why is that " * 3, "one more " * 3]
-    state = multi_turn.run(questions=questions, backend=sgl.RuntimeEndpoint(server.url))
-    return [
-        (state[f"a{i}"], state.get_meta_info(f"a{i}")["cached_tokens"])
-        for i in range(len(questions))
-    ]
-
-
-def _conversation(server, seed: int) -> dict:
-    """Three turns, each the whole history plus new user tokens; a second session sharing
-    the first `SYSTEM` tokens; then a request that can never fit and one that can; pool
-    states around it."""
-    rng = random.Random(seed)
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(len(SPECIAL_TOKENS), VOCAB) for _ in range(n)]
-
-    _flush(server)
-    start = _pool(server)
-    history, turns = ids(200), []
-    for _ in range(3):
-        reply = server.generate(history, NEW_TOKENS)
-        turns.append((len(history), reply["meta_info"]["cached_tokens"]))
-        history = history + reply["output_ids"] + ids(40)
-    own = [t for t in ids(30) if t != history[SYSTEM]]
-    shared = server.generate(history[:SYSTEM] + own, NEW_TOKENS)
-    frontend = _frontend_program(server)
-    refused = _never_fits(server, ids, start["slots"])
-    bad_ids = [
-        _post_ids(server, [*ids(5), token, *ids(3)]) for token in (10**6 + rng.randrange(99), -1)
-    ]
-    served = server.generate(ids(8), NEW_TOKENS)["output_ids"]
-    held = _pool(server)
-    _flush(server)
-    return {
-        "start": start,
-        "turns": turns,
-        "shared": (shared["meta_info"]["cached_tokens"], len(shared["output_ids"])),
-        "frontend": frontend,
-        "refused": refused,
-        "bad_ids": bad_ids,
-        "served": served,
-        "held": held,
-        "flushed": _pool(server),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +42,7 @@ def transcripts(model_dir, tmp_path_factory):
     """The same fresh workload against stock SGLang, SGLang with our plugin (compression
     off, and uniform at ratio 1.0), and a conversation at ratio 0.25 with the shipped profile."""
     seed = random.randrange(2**32)
-    work = _workload(seed)
+    work = workload(seed)
     launches = {
         "stock": Launch(plugins=False),
         # Naming the flag proves the plugin's hooks are live: stock SGLang rejects it.
@@ -194,9 +68,9 @@ def transcripts(model_dir, tmp_path_factory):
     }
     with running_servers(model_dir, tmp_path_factory.mktemp("logs"), launches) as servers:
         stock, plugin, uniform = (
-            _transcript(servers[name], work) for name in ("stock", "plugin", "uniform-1.0")
+            transcript(servers[name], work) for name in ("stock", "plugin", "uniform-1.0")
         )
-        conversation = _conversation(servers["tangram-0.25"], seed)
+        conversation = run_conversation(servers["tangram-0.25"], seed)
         conversation["log"] = servers["tangram-0.25"].log()
     return seed, work, stock, plugin, uniform, conversation
 

@@ -401,6 +401,59 @@ def test_extend_matches_reference(gqa: int, page: int) -> None:
     assert torch.allclose(lse.cpu().double(), ref_lse.cpu(), atol=2e-2), f"{what}: lse, seed {seed}"
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("page", PAGE_SIZES)
+def test_kernels_read_fp8_storage_with_the_layers_scales(kv_dtype: torch.dtype, page: int) -> None:
+    """An FP8 pool (`--kv-cache-dtype fp8_*`): decode and extend read the stored values
+    times the layer's K/V scales, checked against the float64 reference on the dequantized
+    values; an extend's own new tokens stay unquantized (SGLang's Triton extend)."""
+    seed = fresh_seed()
+    dtype = random.choice([torch.float16, torch.bfloat16])
+    gqa = random.choice([1, 4])
+    hkv = 2
+    layout = random_layout(2, hkv, 3, DIM)
+    batch = random.randint(2, 4)
+    lens = [interesting_lengths(layout.num_groups, page, MAX_LEN) for _ in range(batch)]
+    pool, rows = build_pool(layout, lens, page, kv_dtype)
+    assert pool.k_storage[0].element_size() == 1
+    k_scale, v_scale = (
+        random.choice([random.uniform(0.25, 0.7), random.uniform(1.5, 4)]) for _ in "kv"
+    )
+    req = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    plan = AotPlan.build(layout, hkv * gqa, num_sms=random.randint(1, 6), min_chunk=BLOCK)
+    schedule = DecodeSchedule(plan, DEVICE)
+    workspace = DecodeWorkspace(schedule, 8, DIM, DEVICE)
+    workspace.o_part.fill_(float("nan"))
+    what = f"{kv_dtype} q {dtype} gqa {gqa} page {page} scales {k_scale:.3f}/{v_scale:.3f}"
+    layer = random.randrange(2)
+    kv = pool.layer_view(layer, k_scale, v_scale)
+    q = torch.randn(batch, hkv * gqa, DIM, device=DEVICE).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    launch = random.choice(list(LAUNCHES.values()))
+    decode_attention(
+        q, kv, req, 0.2, schedule.layer(batch, layer), workspace, out=out, launch=launch
+    )
+    ref = ragged_decode(q, kv, rows, 0.2)
+    assert_rows_close(out.cpu(), ref.cpu(), TOL[dtype], f"decode {what} lens {lens}", seed)
+
+    new = [random.choice([1, BLOCK - 1, BLOCK + 3]) for _ in range(batch)]
+    total = sum(new)
+    q = torch.randn(total, hkv * gqa, DIM, device=DEVICE).to(dtype)
+    k_new = torch.randn(total, hkv, DIM, device=DEVICE).to(dtype)
+    v_new = torch.randn(total, hkv, DIM, device=DEVICE).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    extend_lens = torch.tensor(new, dtype=torch.int32, device=DEVICE)
+    extend_attention(
+        q, k_new, v_new, extend_lens, kv, req, 0.2, max(new), out=out, block_m=BLOCK, block_n=BLOCK
+    )
+    ref = ragged_extend(q, k_new, v_new, new, kv, rows, 0.2)
+    assert_rows_close(out.cpu(), ref.cpu(), TOL[dtype], f"extend {what} new {new}", seed)
+    unscaled = ragged_extend(q, k_new, v_new, new, dataclasses.replace(kv, k_scale=1.0), rows, 0.2)
+    if any(n for row in lens for n in row):  # some prefix: the scale must have been applied
+        err = (out.cpu().double() - unscaled.cpu()).abs().max()
+        assert err > 1e-3, f"extend {what}: the prefix was read without its K scale, seed {seed}"
+
+
 @pytest.mark.parametrize("page", PAGE_SIZES)
 def test_scatter_writes_what_write_selected_writes(page: int) -> None:
     seed = fresh_seed()

@@ -167,9 +167,10 @@ BAD_INPUTS = [
         "does not support: tensor parallelism (--tp-size 2; one GPU per server for now)",
     ),
     (
-        "fp8-kv",
-        ["--kv-cache-dtype", "fp8_e4m3"],
-        "does not support: FP8 KV (--kv-cache-dtype fp8_e4m3; not yet)",
+        "fp4-kv",
+        ["--kv-cache-dtype", "nvfp4"],
+        "does not support: block-scaled KV (--kv-cache-dtype nvfp4; the head-group pools "
+        "store bf16, bfloat16, fp8_e4m3, fp8_e5m2)",
     ),
     (
         "dp-attention",

@@ -13,7 +13,9 @@
 #   A phase "gputests" (first, if named) runs the compiled backend/CUDA-graph tests.
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
-# sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio.
+# sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
+# "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
+# stock + FP8 KV, tangram 0.25 and tangram 0.25 + FP8 KV.
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3),
@@ -122,16 +124,21 @@ sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check
   rc=$?
   grep -E "tangram: (sessions|[0-9,]+ KV bytes)|max_total_num_tokens|KV Cache is allocated" \
     "$OUT/server-$name.log" | cut -c1-300 | head -4
+  # The most requests SGLang ran at once (its decode log lines), the sessions it held.
+  echo "$name: most running requests $(grep -oE '#running-req: [0-9]+' "$OUT/server-$name.log" \
+    | awk '{print $2}' | sort -n | tail -1)"
   halt "$name"
 }
+worst() { for r in "$@"; do [ "$r" = 0 ] || { echo "$r"; return; }; done; echo 0; }
 
 declare -A RC
 for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase"
   case $phase in
     gputests)  # compiled: real CUDA-graph capture/replay of the backend, kernels vs reference
-      timeout "${GPUTEST_TIMEOUT_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+      timeout "${GPUTEST_TIMEOUT_S:-200}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$REPO/tests/test_cuda_graph_decode.py" "$REPO/tests/test_backend_kernels.py" \
+        "$REPO/tests/test_kernels.py::test_kernels_read_fp8_storage_with_the_layers_scales" \
         > "$OUT/gputests.log" 2>&1
       rc=$?
       tail -15 "$OUT/gputests.log" ;;
@@ -167,6 +174,26 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
       sessions stock-sessions sessions-stock.json --attention-backend "${STOCK_BACKEND:-triton}"
       SERVER_ENV=() ;;
+    parity)  # the load that fits stock's pool, overlap on everywhere; stock also without
+      # prefill graphs (what they buy it: tangram's extend runs eagerly)
+      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+      sessions stock sessions-parity-stock.json --attention-backend "${STOCK_BACKEND:-triton}"; r1=$rc
+      sessions stock-eager-prefill sessions-parity-stock-eager-prefill.json \
+        --attention-backend "${STOCK_BACKEND:-triton}" --disable-prefill-cuda-graph; r2=$rc
+      SERVER_ENV=()
+      sessions tangram-r1.0 sessions-parity-tangram-1.0.json "${tangram[@]}" --tangram-ratio 1.0; r3=$rc
+      sessions tangram-r0.25 sessions-parity-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25
+      rc=$(worst "$r1" "$r2" "$r3" "$rc") ;;
+    fp8)  # --kv-cache-dtype fp8_e4m3: stock + FP8, tangram 0.25 alone and + FP8 (size the
+      # load beyond the pools with MEM_FRACTION, FIRST_TOKENS and ALLOW_MISSES=1)
+      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+      sessions stock-fp8 sessions-fp8-stock.json --attention-backend "${STOCK_BACKEND:-triton}" \
+        --kv-cache-dtype fp8_e4m3; r1=$rc
+      SERVER_ENV=()
+      sessions tangram-r0.25-bf16 sessions-fp8-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25; r2=$rc
+      sessions tangram-r0.25-fp8 sessions-fp8-tangram-0.25-fp8.json "${tangram[@]}" \
+        --tangram-ratio 0.25 --kv-cache-dtype fp8_e4m3
+      rc=$(worst "$r1" "$r2" "$rc") ;;
     frontend)
       rc=1
       if serve tangram-text "$TEXT_MODEL" --kv-compression tangram \

@@ -69,6 +69,7 @@ from tangram_sglang.memory.allocator import (
     TangramKVPool,
 )
 from tangram_sglang.memory.pool import RaggedPool
+from tangram_sglang.memory.ragged_kv import dequantize, is_fp8, quantize
 
 if TYPE_CHECKING:
     from tangram_sglang.kernels.scatter import SelectionScatter
@@ -123,6 +124,15 @@ def _pick(x: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
     if list(index) == list(range(index[0], index[0] + len(index))):
         return x.narrow(dim, index[0], len(index))
     return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
+
+
+def layer_scales(layer, dtype: torch.dtype) -> tuple[float, float]:
+    """The layer's K/V scales in a pool of `dtype`: the checkpoint's, as SGLang applies
+    them, in an FP8 pool where both are set; 1.0 otherwise."""
+    k, v = getattr(layer, "k_scale_float", None), getattr(layer, "v_scale_float", None)
+    if not is_fp8(dtype) or k is None or v is None:
+        return 1.0, 1.0
+    return float(k), float(v)
 
 
 def _num_q_heads(model_runner, pool: RaggedPool) -> int:
@@ -364,8 +374,10 @@ class TritonPath:
         )
 
     def decode(self, q, k, v, layer) -> torch.Tensor:
+        """`k`/`v` as stored (`quantize`d with the layer's scales)."""
         decode, _, scatter = self.kernels
-        kv = replace(self.pool.layer_view(layer.layer_id), group_lens=self.batch.lens)
+        view = self.pool.layer_view(layer.layer_id, *layer_scales(layer, self.pool.dtype))
+        kv = replace(view, group_lens=self.batch.lens)
         scatter.scatter_selected(kv, k, v, *self.batch.write)
         out = _new_output(q)
         work = self.schedule.layer(q.shape[0], layer.layer_id)
@@ -375,10 +387,12 @@ class TritonPath:
         return out
 
     def extend(self, q, k, v, layer) -> torch.Tensor:
-        """Attention over the prefixes (at their pre-segment lengths) plus the new tokens."""
+        """Attention over the prefixes (at their pre-segment lengths, dequantized) plus the
+        new tokens (unquantized `k`/`v`)."""
         _, extend, _ = self.kernels
         b = self.batch
-        kv = replace(self.pool.layer_view(layer.layer_id), group_lens=b.prefix_lens)
+        view = self.pool.layer_view(layer.layer_id, *layer_scales(layer, self.pool.dtype))
+        kv = replace(view, group_lens=b.prefix_lens)
         out = _new_output(q)
         extend.extend_attention(
             q, k, v, b.extend_lens, kv, b.rows, layer.scaling, b.max_extend_len, out=out
@@ -387,7 +401,8 @@ class TritonPath:
 
     def store(self, k, v, layer: int, selected: torch.Tensor) -> None:
         """Write the batch's kept tokens (`selected` `[S, Hkv, W]`, `select_batch`'s indices
-        within each segment) to the segments' slots in one launch, device ops only."""
+        within each segment; `k`/`v` as stored) to the segments' slots in one launch, device
+        ops only."""
         _, _, scatter = self.kernels
         kv = self.pool.layer_view(layer)
         scatter.scatter_selected(kv, k, v, *self.batch.scatter.args(selected, kv.head_group))
@@ -546,19 +561,25 @@ class TangramAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._check_layer(layer, k, save_kv_cache)
         q_, k_, v_ = self._shapes(q, k, v, layer)
+        stored = self._stored(k_, v_, layer)
         if self.triton is not None:
             out = self.triton.extend(q_, k_, v_, layer)
-            self._store_batch(q_, k_, v_, layer.layer_id)
+            self._store_batch(q_, k_, v_, stored, layer.layer_id)
         else:
+            # As stock torch_native, which writes the chunk first and reads it back: the new
+            # tokens are attended as stored (identical unless the pool is FP8).
+            k_scale, v_scale = layer_scales(layer, self.pool.dtype)
+            k_read = dequantize(stored[0], k_.dtype, k_scale)
+            v_read = dequantize(stored[1], v_.dtype, v_scale)
             out = _new_output(q_)
             start = 0
             for segment in self.state.segments:
                 tokens = slice(start, start + segment.extend_len)
                 start += segment.extend_len
                 out[tokens] = self._extend_attention(
-                    q_[tokens], k_[tokens], v_[tokens], layer, segment
+                    q_[tokens], k_read[tokens], v_read[tokens], layer, segment
                 )
-            self._store_segments(q_, k_, v_, layer.layer_id)
+            self._store_segments(q_, k_, v_, stored, layer.layer_id)
         if layer.layer_id == self.pool.num_layers - 1:
             self.owners.apply(self.allocator)
         return out.reshape(q_.shape[0], -1)
@@ -566,10 +587,12 @@ class TangramAttnBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._check_layer(layer, k, save_kv_cache)
         q_, k_, v_ = self._shapes(q, k, v, layer)
+        k_store, v_store = self._stored(k_, v_, layer)
         if self.triton is not None:
-            return self.triton.decode(q_, k_, v_, layer).reshape(q_.shape[0], -1)
+            return self.triton.decode(q_, k_store, v_store, layer).reshape(q_.shape[0], -1)
         slots = self.state.decode_slots
-        self.pool.write_tokens(layer.layer_id, [slots[g] for g in range(len(slots))], k_, v_)
+        groups = [slots[g] for g in range(len(slots))]
+        self.pool.write_tokens(layer.layer_id, groups, k_store, v_store)
         query = q_.movedim(0, 1)  # [Hq, B, D], as torch_native slices it
         out = _new_output(q_)
         gqa = layer.tp_q_head_num // layer.tp_k_head_num
@@ -579,7 +602,7 @@ class TangramAttnBackend(AttentionBackend):
                     continue
                 q_heads = [h * gqa + i for h in heads for i in range(gqa)]
                 length = int(self.allocator.row_lens[g, row])
-                keys, values = self._group_kv(layer.layer_id, g, row, length)
+                keys, values = self._group_kv(layer, g, row, length, q_.dtype)
                 o = scaled_dot_product_attention(
                     _pick(query, 0, q_heads)[:, b : b + 1].unsqueeze(0),
                     keys.movedim(0, 1).unsqueeze(0),
@@ -592,10 +615,22 @@ class TangramAttnBackend(AttentionBackend):
 
     # ---- pieces ----------------------------------------------------------------------
 
-    def _group_kv(self, layer: int, g: int, row: int, length: int):
-        """K and V `[length, n_{g,l}, D]` of the row's first `length` slots in group g."""
+    def _stored(self, k, v, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens' K/V as the pool stores them (FP8: divided by the layer's scales)."""
+        k_scale, v_scale = layer_scales(layer, self.pool.dtype)
+        dtype = self.pool.dtype
+        return quantize(k, dtype, k_scale), quantize(v, dtype, v_scale)
+
+    def _group_kv(self, layer, g: int, row: int, length: int, dtype: torch.dtype):
+        """K and V `[length, n_{g,l}, D]` of the row's first `length` slots in group g, read
+        as `dtype` (dequantized)."""
         slots = self.pool.req_to_slot[g, row, :length].long()
-        return self.pool.k_buffer(g, layer)[slots], self.pool.v_buffer(g, layer)[slots]
+        k_scale, v_scale = layer_scales(layer, self.pool.dtype)
+        index = layer.layer_id
+        return (
+            dequantize(self.pool.k_buffer(g, index)[slots], dtype, k_scale),
+            dequantize(self.pool.v_buffer(g, index)[slots], dtype, v_scale),
+        )
 
     def _extend_attention(self, q, k, v, layer, segment: ExtendSegment) -> torch.Tensor:
         """`[n, Hq, D]`: new tokens over each group's prefix slots plus themselves (causal)."""
@@ -607,9 +642,9 @@ class TangramAttnBackend(AttentionBackend):
                 continue
             q_heads = [h * gqa + i for h in heads for i in range(gqa)]
             prefix = segment.prefix_lens[g]
-            k_pre, v_pre = self._group_kv(layer.layer_id, g, segment.row, prefix)
-            keys = torch.cat((k_pre.to(k.dtype), _pick(k, 1, heads))).movedim(0, 1)
-            values = torch.cat((v_pre.to(v.dtype), _pick(v, 1, heads))).movedim(0, 1)
+            k_pre, v_pre = self._group_kv(layer, g, segment.row, prefix, k.dtype)
+            keys = torch.cat((k_pre, _pick(k, 1, heads))).movedim(0, 1)
+            values = torch.cat((v_pre, _pick(v, 1, heads))).movedim(0, 1)
             query = q.new_zeros((len(q_heads), prefix + n, q.shape[2]))
             query[:, prefix:] = _pick(q, 1, q_heads).movedim(0, 1)
             o = scaled_dot_product_attention(
@@ -640,10 +675,12 @@ class TangramAttnBackend(AttentionBackend):
         self.owners.update_batch(chosen, head_group, self.members[layer])
         return chosen
 
-    def _store_segments(self, q, k, v, layer: int) -> None:
-        """Torch path: write each segment's K/V to its group slots, the selected tokens of a
-        compressed one (`write_selected`), every token of the others."""
+    def _store_segments(self, q, k, v, stored, layer: int) -> None:
+        """Torch path: write each segment's K/V (`stored`: as the pool stores them) to its
+        group slots, the selected tokens of a compressed one (`write_selected`, selected
+        from the unquantized `k`), every token of the others."""
         chosen = None if self.budgets is None else self._select(q, k, v, layer)
+        k, v = stored
         start = 0
         for index, segment in enumerate(self.state.segments):
             tokens = slice(start, start + segment.extend_len)
@@ -657,13 +694,14 @@ class TangramAttnBackend(AttentionBackend):
                 self.pool, layer, segment.row, k[tokens], v[tokens], selected, list(segment.slots)
             )
 
-    def _store_batch(self, q, k, v, layer: int) -> None:
-        """Kernel path: every segment's kept tokens (all of an uncompressed one's) in one
-        scatter, or `write_tokens` when no segment compresses."""
+    def _store_batch(self, q, k, v, stored, layer: int) -> None:
+        """Kernel path: every segment's kept tokens (all of an uncompressed one's; `stored`
+        as the pool stores them, selected from the unquantized `k`) in one scatter, or
+        `write_tokens` when no segment compresses."""
         if self.budgets is None:
-            self.pool.write_tokens(layer, list(self.triton.batch.slots), k, v)
+            self.pool.write_tokens(layer, list(self.triton.batch.slots), *stored)
             return
-        self.triton.store(k, v, layer, self._select(q, k, v, layer))
+        self.triton.store(*stored, layer, self._select(q, k, v, layer))
 
 
 def create_tangram_backend(model_runner) -> TangramAttnBackend:

@@ -2,9 +2,9 @@
 
 It reads the ragged storage exactly as the contract in `pool.py` states (per-head tables,
 `req_to_slot`, `group_lens`) and computes plain softmax attention, one (request, kv head)
-at a time, so a kernel that disagrees with it is wrong. Outputs and log-sum-exps are
-float64; the log-sum-exp is natural-log of sum_j exp(sm_scale * q . k_j), -inf (with a
-zero output) where a query sees no key.
+at a time (FP8 values dequantized with the layer's scales), so a kernel that disagrees
+with it is wrong. Outputs and log-sum-exps are float64; the log-sum-exp is natural-log of
+sum_j exp(sm_scale * q . k_j), -inf (with a zero output) where a query sees no key.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tangram_sglang.memory.pool import RaggedKV
+from tangram_sglang.memory.ragged_kv import RaggedKV, dequantize
 
 Rows = Sequence[int] | torch.Tensor
 
@@ -48,9 +48,13 @@ def _rows(req_rows: Rows, count: int, what: str) -> list[int]:
 
 
 def _prefix(kv: RaggedKV, head: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V `[n, D]` (float64) of the written slots of `row` as kv head `head` sees them."""
+    """K and V `[n, D]` (float64, dequantized) of the written slots of `row` as kv head
+    `head` sees them."""
     index = kv.head_rows(head, kv.head_slots(head, row))
-    return kv.k[index].double(), kv.v[index].double()
+    return (
+        dequantize(kv.k[index], torch.float64, kv.k_scale),
+        dequantize(kv.v[index], torch.float64, kv.v_scale),
+    )
 
 
 def ragged_decode(

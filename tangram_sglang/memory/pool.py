@@ -248,7 +248,9 @@ class RaggedPool:
         count = self.slots[group] + self.page_size
         return storage[start : start + count * n].view(count, n, storage.shape[1])
 
-    def layer_view(self, layer: int) -> RaggedKV:
+    def layer_view(self, layer: int, k_scale: float = 1.0, v_scale: float = 1.0) -> RaggedKV:
+        """What attention reads of `layer`; `k_scale`/`v_scale` are the layer's FP8 scales
+        (`ragged_kv.quantize`)."""
         return RaggedKV(
             k=self.k_storage[layer],
             v=self.v_storage[layer],
@@ -257,6 +259,8 @@ class RaggedPool:
             head_stride=self.head_stride[layer],
             req_to_slot=self.req_to_slot,
             group_lens=self.group_lens,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def write(
@@ -267,7 +271,8 @@ class RaggedPool:
         k_rows: torch.Tensor,
         v_rows: torch.Tensor,
     ) -> None:
-        """Store `k_rows`/`v_rows` `[N, n_{g,l}, head_dim]` of one group at `slots` `[N]`."""
+        """Store `k_rows`/`v_rows` `[N, n_{g,l}, head_dim]` of one group at `slots` `[N]`
+        (cast to the pool's dtype: callers with FP8 scales pass `ragged_kv.quantize`d rows)."""
         expected = (slots.shape[0], len(self.layout.heads[group][layer]), self.layout.head_dim)
         for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
             if tuple(rows.shape) != expected:
