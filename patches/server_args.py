@@ -29,6 +29,7 @@ from sglang.srt.utils.common import get_device
 from tangram_sglang.attention.backend import cuda_graph_blocker
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import (
+    KERNEL_CHOICES,
     MODES,
     ConfigError,
     TangramConfig,
@@ -94,6 +95,13 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         "user and answer tokens per turn (default: a 4-turn chat whose first prompt is half "
         "the context, at most 8192 tokens, 256 user + 256 answer tokens per turn).",
     )
+    group.add_argument(
+        "--tangram-kernels",
+        choices=KERNEL_CHOICES,
+        help="Attention kernels: triton (default on CUDA), flashinfer (FlashInfer decode with "
+        "ahead-of-time splits; extend on Triton), torch (default elsewhere). "
+        "TANGRAM_BACKEND_KERNELS sets the same.",
+    )
 
 
 def unsupported(args: Any) -> list[str]:
@@ -115,6 +123,8 @@ def unsupported(args: Any) -> list[str]:
             f"block-scaled KV (--kv-cache-dtype {args.kv_cache_dtype}; the head-group pools "
             f"store {', '.join(KV_CACHE_DTYPES[1:])})"
         )
+    if getattr(args, "tangram_kernels", None) == "flashinfer" and "fp8" in str(args.kv_cache_dtype):
+        found.append("FP8 KV with --tangram-kernels flashinfer (the Triton kernels read FP8)")
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
     if args.enable_dp_attention:
@@ -179,7 +189,7 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         config = replace(config, profile=str(Path(config.profile).resolve()))
     args = argparse.Namespace(**vars(args))
     args.attention_backend = args.radix_cache_backend = BACKEND
-    blocker = cuda_graph_blocker(args.device or get_device())
+    blocker = cuda_graph_blocker(args.device or get_device(), config.kernels)
     forced = dict(FORCED)
     if blocker:
         forced["disable_cuda_graph"] = f"no decode graphs with {blocker}"

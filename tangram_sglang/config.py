@@ -1,4 +1,4 @@
-"""Tangram's serving settings: the five CLI flags as one value, checked once at start-up.
+"""Tangram's serving settings: the six CLI flags as one value, checked once at start-up.
 
 The flags reach every SGLang process as attributes of its `ServerArgs` (see
 `tangram_sglang.patches.server_args`); `TangramConfig.from_server_args` reads them back in
@@ -21,6 +21,9 @@ from tangram_sglang.memory.budget import Workload, serving_workload
 from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
 MODES = ("none", "tangram", "uniform")
+# Attention kernels of the tangram backend: Triton (decode, extend, K/V writes), FlashInfer
+# decode with ahead-of-time splits (extend and writes on Triton), or the torch path (CPU).
+KERNEL_CHOICES = ("triton", "flashinfer", "torch")
 DEFAULT_METHOD = "snapkv"  # scorer for profiles whose method is not one (uniform profiles)
 
 # Flag of each TangramConfig field, and the attribute that carries it on ServerArgs.
@@ -30,6 +33,7 @@ FLAGS = {
     "ratio": "--tangram-ratio",
     "method": "--tangram-method",
     "workload": "--tangram-workload",
+    "kernels": "--tangram-kernels",
 }
 ATTRIBUTES = {
     "mode": "kv_compression",
@@ -37,6 +41,7 @@ ATTRIBUTES = {
     "ratio": "tangram_ratio",
     "method": "tangram_method",
     "workload": "tangram_workload",
+    "kernels": "tangram_kernels",
 }
 WORKLOAD_FIELDS = ("context", "turns", "user_tokens", "answer_tokens")
 
@@ -55,6 +60,7 @@ class TangramConfig:
     ratio: float | None = None
     method: str | None = None
     workload: str | None = None
+    kernels: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -131,7 +137,9 @@ class TangramConfig:
             raise ConfigError(f"--kv-compression {self.mode!r} is not one of {', '.join(MODES)}")
         if not self.enabled:
             stray = [
-                FLAGS[f] for f in ("profile", "ratio", "method", "workload") if getattr(self, f)
+                FLAGS[f]
+                for f in ("profile", "ratio", "method", "workload", "kernels")
+                if getattr(self, f)
             ]
             if stray:
                 raise ConfigError(
@@ -152,6 +160,10 @@ class TangramConfig:
             )
         if self.workload is not None:
             self._workload()
+        if self.kernels is not None and self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(
+                f"--tangram-kernels {self.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
+            )
         if self.mode == "tangram" and not self.profile:
             raise ConfigError("--kv-compression tangram needs --tangram-profile FILE")
         if self.mode == "uniform":

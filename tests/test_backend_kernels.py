@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -23,17 +24,21 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import flashinfer_stub  # noqa: E402
 from backend_fakes import fake_batch, fake_layer, fake_runner  # noqa: E402
 from host_reads import HostRead, HostReadGuard, SyncCounter  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 import tangram_sglang.attention.backend as backend_module  # noqa: E402
+from tangram_sglang.attention.aot_plan import AotPlan  # noqa: E402
 from tangram_sglang.attention.backend import (  # noqa: E402
     KERNELS_ENV,
+    FlashInferPath,
     KeptOwners,
     TangramAttnBackend,
     choose_kernels,
 )
+from tangram_sglang.attention.flashinfer_path import flashinfer_available  # noqa: E402
 from tangram_sglang.attention.reference import ragged_decode, ragged_extend  # noqa: E402
 from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool  # noqa: E402
 from tangram_sglang.memory.budget import BudgetRule  # noqa: E402
@@ -81,6 +86,8 @@ class Pair:
         seed: int,
         kv_dtype: torch.dtype | None = None,
         scales: tuple[float, float] = (1.0, 1.0),
+        kernels: str = "triton",
+        num_sms: int | None = None,
     ) -> None:
         self.hq, self.hkv, self.dtype, self.seed = hq, layout.num_kv_heads, dtype, seed
         self.kv_dtype, self.scales = kv_dtype or dtype, scales
@@ -88,7 +95,7 @@ class Pair:
         torch_runner, triton_runner = (fake_runner(a, hq) for a in self.allocators)
         self.torch = TangramAttnBackend(torch_runner, kernels="torch")
         self.triton = TangramAttnBackend(
-            triton_runner, kernels="triton", num_sms=random.randint(1, 6)
+            triton_runner, kernels=kernels, num_sms=num_sms or random.randint(1, 6)
         )
         self.triton.triton.workspace.o_part.fill_(float("nan"))
         self.guard = contextlib.nullcontext  # around each Triton extend forward call
@@ -240,6 +247,54 @@ def test_triton_path_matches_torch_path_and_reference(gqa, dtype, kv_dtype, pois
     # No segment compresses: the plain write path.
     pair.extend([8], [first[1]], [random.randint(1, short)])
     pair.decode([5, 6, 7, 8])
+
+
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_flashinfer_path_decodes_what_the_torch_path_and_reference_do(
+    gqa, poisoned_outputs, monkeypatch
+):
+    """`--tangram-kernels flashinfer`: decode through FlashInfer's paged decode with the AOT
+    splits (extend on Triton). With CUDA and flashinfer, the library itself; elsewhere its
+    stand-in (tests/flashinfer_stub.py) checks the metadata this path builds per step:
+    one virtual request per split, page ids, last page lengths, empty chunks masked out of
+    the merge."""
+    if not flashinfer_available():
+        if CUDA:
+            pytest.skip("flashinfer is not installed")
+        monkeypatch.setitem(sys.modules, "flashinfer", None)
+        flashinfer_stub.install()
+    seed = random.SystemRandom().randrange(2**31)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    hkv = 4 if gqa == 1 else 2
+    dtype = random.choice([torch.float32, torch.bfloat16])
+
+    class SmallChunks(AotPlan):  # several splits per request, some of them empty
+        @classmethod
+        def build(cls, *args, **kwargs):
+            return AotPlan.build(*args, **{**kwargs, "min_chunk": 4})
+
+    monkeypatch.setattr(backend_module, "AotPlan", SmallChunks)
+    pair = Pair(random_layout(hkv), hkv * gqa, dtype, seed, kernels="flashinfer", num_sms=32)
+    assert isinstance(pair.triton.triton, FlashInferPath)
+    for layer in range(LAYERS):  # padding slots hold finite values, as a serving pool's do
+        for g in range(GROUPS):
+            for name in ("k_buffer", "v_buffer"):
+                values = torch.randn_like(getattr(pair.pool, name)(g, layer)[0], dtype=torch.float)
+                for allocator in pair.allocators:
+                    getattr(allocator.pool, name)(g, layer)[0] = values
+    none = torch.empty(0, dtype=torch.long)
+    lens = [random.randint(12, 30), random.randint(2, RULE.sink + RULE.window), 1]
+    first, _ = pair.extend([1, 2, 3], [none] * 3, lens)
+    for _ in range(2):
+        pair.decode([1, 2, 3])
+    pair.extend([4, 5], [first[0], first[2][:1]], [random.randint(10, 20), 1])
+    pair.decode([5, 1, 4])
+    decoder = pair.triton.triton.decoders[3]
+    assert sorted(pair.triton.triton.decoders) == [3], "one FlashInfer instance per batch size"
+    assert max(decoder.splits) > 1 and any(m.empty.any() for m in decoder.meta), (
+        f"splits {decoder.splits}: no request was split, or no split was empty, seed {seed}"
+    )
 
 
 def test_triton_extend_layers_never_wait_for_the_device(monkeypatch):

@@ -166,6 +166,26 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         fi
       fi
       halt stock-fp32; SERVER_ENV=() ;;
+    greedy-flashinfer)  # --tangram-kernels flashinfer at 1.0 against stock's FlashInfer
+      # backend, bf16, decode graphs on (FlashInfer has no fp32 decode: tokens may part where
+      # two logits tie within bf16 rounding; the comparison reports where)
+      g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
+      rc=1
+      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+      if serve stock-flashinfer "$MODEL" --skip-tokenizer-init --attention-backend flashinfer; then
+        check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock-flashinfer.json"
+        halt stock-flashinfer
+        SERVER_ENV=()
+        if serve tangram-flashinfer-r1.0 "$MODEL" --skip-tokenizer-init "${tangram[@]}" \
+            --tangram-ratio 1.0 --tangram-kernels flashinfer --max-running-requests 64; then
+          check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram-flashinfer.json"
+          halt tangram-flashinfer-r1.0
+          check compare "$OUT/greedy-stock-flashinfer.json" "$OUT/greedy-tangram-flashinfer.json" \
+            --out "$OUT/greedy-flashinfer-compare.json"
+          rc=$?
+        fi
+      fi
+      halt stock-flashinfer; SERVER_ENV=() ;;
     sessions)
       sessions tangram-r0.25 sessions.json "${tangram[@]}" --tangram-ratio 0.25 ;;
     sessions-uniform)  # the same sessions, one ratio for every head (the fair baseline)

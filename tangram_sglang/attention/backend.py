@@ -61,6 +61,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from tangram_sglang.attention.aot_plan import AotPlan
 from tangram_sglang.compress import SCORERS, SegmentBatch, check_budgets, select_batch
 from tangram_sglang.compress.write import write_selected
+from tangram_sglang.config import KERNEL_CHOICES, TangramConfig
 from tangram_sglang.memory import staging
 from tangram_sglang.memory.allocator import (
     ExtendSegment,
@@ -72,11 +73,11 @@ from tangram_sglang.memory.pool import RaggedPool
 from tangram_sglang.memory.ragged_kv import dequantize, is_fp8, quantize
 
 if TYPE_CHECKING:
+    from tangram_sglang.attention.flashinfer_path import FlashInferRaggedDecode
     from tangram_sglang.kernels.scatter import SelectionScatter
 
 BACKEND = "tangram"
 KERNELS_ENV = "TANGRAM_BACKEND_KERNELS"
-KERNEL_CHOICES = ("triton", "torch")
 CUDA_GRAPH_ENV = "TANGRAM_CUDA_GRAPH"  # "0": decode runs eagerly even on CUDA
 CPU_SMS = 4  # AOT plan width when the Triton path runs without CUDA (interpreter tests)
 PADDING_ROW = 0  # SGLang's req_to_token row 0 (and our row 0): never a request's
@@ -84,8 +85,8 @@ DUMMY_SLOT = 0  # slot 0 of every group: a padding slot, never handed to a reque
 
 
 def choose_kernels(kernels: str | None, device: torch.device) -> str:
-    """The attention path: the argument, else `TANGRAM_BACKEND_KERNELS`, else triton on
-    CUDA and torch elsewhere."""
+    """The attention path: the argument (`--tangram-kernels`), else
+    `TANGRAM_BACKEND_KERNELS`, else triton on CUDA and torch elsewhere."""
     choice = (
         kernels or os.environ.get(KERNELS_ENV) or ("triton" if device.type == "cuda" else "torch")
     )
@@ -97,9 +98,10 @@ def choose_kernels(kernels: str | None, device: torch.device) -> str:
     return choice
 
 
-def cuda_graph_blocker(device: str) -> str | None:
-    """Why decode cannot run in CUDA graphs on `device` (None: it can). Graphs need the
-    Triton path on CUDA: the torch path reads host lengths per request and layer."""
+def cuda_graph_blocker(device: str, kernels: str | None = None) -> str | None:
+    """Why decode cannot run in CUDA graphs on `device` with `kernels` (None: it can).
+    Graphs need the Triton or FlashInfer path on CUDA: the torch path reads host lengths
+    per request and layer."""
     switch = os.environ.get(CUDA_GRAPH_ENV, "1")
     if switch not in ("0", "1"):
         raise ValueError(f"{CUDA_GRAPH_ENV}={switch!r} must be 0 (graphs off) or 1 (default)")
@@ -107,9 +109,8 @@ def cuda_graph_blocker(device: str) -> str | None:
         return f"{CUDA_GRAPH_ENV}=0"
     if device.split(":")[0] != "cuda":
         return f"device {device} (graphs need the Triton path on CUDA)"
-    kernels = choose_kernels(None, torch.device("cuda"))
-    if kernels != "triton":
-        return f"{KERNELS_ENV}={kernels} (the torch path cannot be captured)"
+    if choose_kernels(kernels, torch.device("cuda")) == "torch":
+        return "the torch path (it cannot be captured)"
     return None
 
 
@@ -408,6 +409,69 @@ class TritonPath:
         scatter.scatter_selected(kv, k, v, *self.batch.scatter.args(selected, kv.head_group))
 
 
+class FlashInferPath(TritonPath):
+    """Decode attention through FlashInfer's paged decode kernels with the AOT plan's splits
+    (`FlashInferRaggedDecode` in mode aot: one instance per batch size, planned once, then
+    only device-side metadata per step, so decode graphs capture it); extend and the K/V
+    writes run on the Triton kernels."""
+
+    def __init__(self, pool: RaggedPool, num_q_heads: int, num_sms: int, max_batch: int) -> None:
+        super().__init__(pool, num_q_heads, num_sms, max_batch)
+        if is_fp8(pool.dtype):
+            raise ValueError("--tangram-kernels flashinfer does not read FP8 pools (use triton)")
+        self.sm_scale = pool.layout.head_dim**-0.5  # FlashInfer plans with it
+        self.decoders: dict[int, FlashInferRaggedDecode] = {}
+        self.decoder: FlashInferRaggedDecode | None = None
+        self.float_workspace: torch.Tensor | None = None  # shared: split-kv is off
+
+    def _decoder(self, batch: int) -> FlashInferRaggedDecode:
+        if batch not in self.decoders:
+            from tangram_sglang.attention.flashinfer_path import (
+                WORKSPACE_BYTES,
+                FlashInferRaggedDecode,
+            )
+
+            pool = self.pool
+            if self.float_workspace is None:
+                self.float_workspace = torch.empty(
+                    WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device
+                )
+            self.decoders[batch] = FlashInferRaggedDecode(
+                [pool.layer_view(layer) for layer in range(pool.num_layers)],
+                self.plan,
+                [s + pool.page_size for s in pool.slots],
+                pool.page_size,
+                batch,
+                pool.max_context,
+                self.sm_scale,
+                mode="aot",
+                workspace=self.float_workspace,
+            )
+        return self.decoders[batch]
+
+    def stage(self, state: ForwardState, budgets: _SegmentBudgets | None = None) -> None:
+        super().stage(state, budgets)
+        if state.mode == "decode":
+            self.decoder = self._decoder(len(state.rows))
+            self.decoder.prepare(self.batch.rows)
+
+    def stage_graph(self, batch: int, state: ForwardState | None) -> None:
+        super().stage_graph(batch, state)
+        self.decoder = self._decoder(batch)
+        self.decoder.prepare(self.batch.rows)
+
+    def decode(self, q, k, v, layer) -> torch.Tensor:
+        """`k`/`v` as stored; the kernels read the pool's lengths as `prepare` saw them."""
+        if layer.scaling != self.sm_scale:
+            raise NotImplementedError(
+                f"--tangram-kernels flashinfer plans with scale head_dim**-0.5; layer "
+                f"{layer.layer_id} scales by {layer.scaling} (use triton)"
+            )
+        _, _, scatter = self.kernels
+        scatter.scatter_selected(self.pool.layer_view(layer.layer_id), k, v, *self.batch.write)
+        return self.decoder.run(layer.layer_id, q, _new_output(q))
+
+
 class TangramAttnBackend(AttentionBackend):
     def __init__(
         self,
@@ -441,12 +505,13 @@ class TangramAttnBackend(AttentionBackend):
         self.group_of = [self.pool.head_group[layer].tolist() for layer in range(layout.num_layers)]
         self.kernels = choose_kernels(kernels, self.pool.device)
         self.triton: TritonPath | None = None
-        if self.kernels == "triton":
+        if self.kernels != "torch":
             if num_sms is None:
                 cuda = self.pool.device.type == "cuda"
                 props = torch.cuda.get_device_properties(self.pool.device) if cuda else None
                 num_sms = props.multi_processor_count if cuda else CPU_SMS
-            self.triton = TritonPath(
+            path = FlashInferPath if self.kernels == "flashinfer" else TritonPath
+            self.triton = path(
                 self.pool, _num_q_heads(model_runner, self.pool), num_sms, self.pool.max_requests
             )
 
@@ -705,5 +770,6 @@ class TangramAttnBackend(AttentionBackend):
 
 
 def create_tangram_backend(model_runner) -> TangramAttnBackend:
-    """`register_attention_backend('tangram')` factory."""
-    return TangramAttnBackend(model_runner)
+    """`register_attention_backend('tangram')` factory (kernels: `--tangram-kernels`)."""
+    config = TangramConfig.from_server_args(model_runner.server_args)
+    return TangramAttnBackend(model_runner, kernels=config.kernels)
