@@ -21,33 +21,45 @@ token any layer's member head keeps there, so a radix match that ends inside the
 reuses exactly the group slots that hold only earlier tokens.
 
 Decode: the token's K/V go to its new slot in every group, then each head attends over
-its group's slots (`reference.ragged_decode` semantics).
+its group's slots (`reference.ragged_decode` semantics). The torch path gathers each
+group's slots for the whole batch once per layer (`_TorchDecodeBatch`, built from the
+allocator's host lengths) and gives each request its contiguous share: the tensors
+torch_native's per-request gather makes, at a quarter of the Python work per group.
+
+FP8 pools (`--kv-cache-dtype fp8_*`): new K/V are stored `quantize`d with the layer's
+scales (SGLang's convention, `ragged_kv`); the scorer reads the unquantized K; reads are
+dequantized. An extend's own new tokens are attended as stored on the torch path (stock
+torch_native writes them first and reads them back) and unquantized on the Triton path
+(as SGLang's Triton extend kernel does).
 
 The slots come from the per-forward state the allocation hooks attached to SGLang's batch
 (`patches/allocation.py`); this backend only reads it.
 
-Two paths compute the same function (`kernels=` or `TANGRAM_BACKEND_KERNELS=triton|torch`;
-default triton on CUDA, torch elsewhere): the torch path above (CPU serving; exact
-torch_native at ratio 1.0), and `TritonPath`: AOT ragged decode, one extend launch for
-the whole batch, one scatter launch for the kept tokens (its arguments built on the
-device from the batched selection, `SelectionScatter`). Both read the lengths the
-allocator keeps: decode the pool's `group_lens` (the allocator writes them together with
-its host mirror `row_lens` wherever a row's length changes), extend the prefix lengths
-of the forward state (`group_lens` already counts the new segment's slots).
+Three paths compute the same function (`--tangram-kernels`, `kernels=` or
+`TANGRAM_BACKEND_KERNELS`; default triton on CUDA, torch elsewhere): the torch path above
+(CPU serving; exact torch_native at ratio 1.0); `TritonPath`: AOT ragged decode, one
+extend launch for the whole batch, one scatter launch for the kept tokens (its arguments
+built on the device from the batched selection, `SelectionScatter`); and
+`FlashInferPath`: its decode attention through FlashInfer's paged decode with the AOT
+splits. All read the lengths the allocator keeps: decode the pool's `group_lens` (the
+allocator writes them together with its host mirror `row_lens` wherever a row's length
+changes), extend the prefix lengths of the forward state (`group_lens` already counts the
+new segment's slots).
 
-CUDA graphs (Triton path, decode only; `TANGRAM_CUDA_GRAPH=0` keeps them off). SGLang's
-decode graph runner calls `init_cuda_graph_state` once, then per batch size
-`init_forward_metadata_out_graph(in_capture=True)` and captures the forward; before each
-replay it calls `init_forward_metadata_out_graph` with the batch padded to the captured
-size. A decode forward reads its per-step inputs (rows, scatter index arguments, counts)
-from `DecodeGraphInputs`, static device buffers whose contents are refilled from the
-allocation hooks' forward state before the replay; padded entries read request row 0
-(length 0 in every group, a zero output) and write their K/V to slot 0 of every group
-(a padding slot), so they touch no real row or slot. Extend stays eager.
+CUDA graphs (Triton and FlashInfer paths, decode only; `TANGRAM_CUDA_GRAPH=0` keeps them
+off). SGLang's decode graph runner calls `init_cuda_graph_state` once, then per batch
+size `init_forward_metadata_out_graph(in_capture=True)` and captures the forward; before
+each replay it calls `init_forward_metadata_out_graph` with the batch padded to the
+captured size. A decode forward reads its per-step inputs (rows, scatter index arguments,
+counts) from `DecodeGraphInputs`, static device buffers whose contents are refilled from
+the allocation hooks' forward state before the replay; padded entries read request row 0
+(length 0 in every group, a zero output) and write their K/V to slot 0 of every group (a
+padding slot), so they touch no real row or slot. Extend stays eager.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -136,6 +148,14 @@ def layer_scales(layer, dtype: torch.dtype) -> tuple[float, float]:
     return float(k), float(v)
 
 
+def _put(out: torch.Tensor, b: int, heads: Sequence[int], value: torch.Tensor) -> None:
+    """`out[b, heads] = value`: a slice copy when the heads are a range (`_pick`'s view)."""
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        out[b : b + 1, heads[0] : heads[0] + len(heads)] = value
+    else:
+        out[b : b + 1, heads] = value
+
+
 def _num_q_heads(model_runner, pool: RaggedPool) -> int:
     """Query heads per rank: the model's GQA ratio times the pool's kv heads."""
     config = model_runner.model_config
@@ -165,6 +185,26 @@ class _ExtendBatch:
     prefix_lens: torch.Tensor  # [G, R+1] int32: the batch rows' prefix lengths
     slots: tuple[torch.Tensor, ...]  # per group, the segments' slots concatenated
     scatter: SelectionScatter | None  # the kept tokens' scatter (None: nothing compresses)
+
+
+@dataclass(frozen=True)
+class _TorchDecodeBatch:
+    """A decode forward for the torch path, built once for all layers from the allocator's
+    host lengths (no device read): per group, the batch's slots concatenated, row b's at
+    `index[g][offsets[g][b]:offsets[g][b + 1]]`."""
+
+    index: tuple[torch.Tensor, ...]
+    offsets: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(cls, pool: RaggedPool, row_lens: torch.Tensor, rows: Sequence[int]):
+        lens = row_lens[:, list(rows)].tolist()
+        index = tuple(
+            torch.cat([pool.req_to_slot[g, r, :n] for r, n in zip(rows, group, strict=True)])
+            for g, group in enumerate(lens)
+        )
+        offsets = tuple(tuple(itertools.accumulate(group, initial=0)) for group in lens)
+        return cls(index, offsets)
 
 
 @dataclass(frozen=True)
@@ -496,6 +536,7 @@ class TangramAttnBackend(AttentionBackend):
         self._last_state: ForwardState | None = None  # a state serves one forward only
         self.owners: KeptOwners | None = None
         self.budgets: _SegmentBudgets | None = None
+        self.torch_decode: _TorchDecodeBatch | None = None
         layout = self.pool.layout
         # Per layer, per group: kv heads stored there (ascending); per layer, head -> group.
         self.members = [
@@ -535,6 +576,10 @@ class TangramAttnBackend(AttentionBackend):
             self.budgets = _SegmentBudgets.build(segments, self.allocator.rule, self.pool.device)
         if self.triton is not None:
             self.triton.stage(self.state, self.budgets)
+        elif expected == "decode":
+            self.torch_decode = _TorchDecodeBatch.build(
+                self.pool, self.allocator.row_lens, self.state.rows
+            )
 
     def _take_state(self, forward_batch, expected: str, batch_size: int) -> ForwardState:
         """The allocation state SGLang's batch carries to this forward, checked against
@@ -657,25 +702,33 @@ class TangramAttnBackend(AttentionBackend):
             return self.triton.decode(q_, k_store, v_store, layer).reshape(q_.shape[0], -1)
         slots = self.state.decode_slots
         groups = [slots[g] for g in range(len(slots))]
-        self.pool.write_tokens(layer.layer_id, groups, k_store, v_store)
+        lid = layer.layer_id
+        self.pool.write_tokens(lid, groups, k_store, v_store)
         query = q_.movedim(0, 1)  # [Hq, B, D], as torch_native slices it
         out = _new_output(q_)
         gqa = layer.tp_q_head_num // layer.tp_k_head_num
-        for b, row in enumerate(self.state.rows):
-            for g, heads in enumerate(self.members[layer.layer_id]):
-                if not heads:
-                    continue
-                q_heads = [h * gqa + i for h in heads for i in range(gqa)]
-                length = int(self.allocator.row_lens[g, row])
-                keys, values = self._group_kv(layer, g, row, length, q_.dtype)
+        k_scale, v_scale = layer_scales(layer, self.pool.dtype)
+        batch = self.torch_decode
+        for g, heads in enumerate(self.members[lid]):
+            if not heads:
+                continue
+            # One gather per group and layer; row b attends to its contiguous rows of it,
+            # the tensors (values, shapes, strides) torch_native's per-request gather makes.
+            keys = dequantize(self.pool.k_buffer(g, lid)[batch.index[g]], q_.dtype, k_scale)
+            values = dequantize(self.pool.v_buffer(g, lid)[batch.index[g]], q_.dtype, v_scale)
+            q_heads = [h * gqa + i for h in heads for i in range(gqa)]
+            q_group = _pick(query, 0, q_heads)
+            offsets = batch.offsets[g]
+            for b in range(len(offsets) - 1):
+                rows = slice(offsets[b], offsets[b + 1])
                 o = scaled_dot_product_attention(
-                    _pick(query, 0, q_heads)[:, b : b + 1].unsqueeze(0),
-                    keys.movedim(0, 1).unsqueeze(0),
-                    values.movedim(0, 1).unsqueeze(0),
+                    q_group[:, b : b + 1].unsqueeze(0),
+                    keys[rows].movedim(0, 1).unsqueeze(0),
+                    values[rows].movedim(0, 1).unsqueeze(0),
                     enable_gqa=gqa > 1,
                     scale=layer.scaling,
                 )
-                out[b : b + 1, q_heads] = o.squeeze(0).movedim(1, 0).to(out.dtype)
+                _put(out, b, q_heads, o.squeeze(0).movedim(1, 0))
         return out.reshape(q_.shape[0], -1)
 
     # ---- pieces ----------------------------------------------------------------------
