@@ -15,7 +15,8 @@
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
 # "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
-# stock + FP8 KV, tangram 0.25 and tangram 0.25 + FP8 KV.
+# stock + FP8 KV, tangram 0.25 and tangram 0.25 + FP8 KV; "serve" runs bench/serve.py
+# (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3),
@@ -214,6 +215,35 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       sessions tangram-r0.25-fp8 sessions-fp8-tangram-0.25-fp8.json "${tangram[@]}" \
         --tangram-ratio 0.25 --kv-cache-dtype fp8_e4m3
       rc=$(worst "$r1" "$r2" "$rc") ;;
+    serve)  # bench/serve.py against each of SERVE_CONFIGS in turn, then one merged record
+      rc=0; parts=()
+      devname=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+      devname=${devname:-$DEVICE}
+      for cfg in ${SERVE_CONFIGS:-stock tangram-0.25}; do
+        flags=$("$PY" "$REPO/bench/serve.py" --flags "$cfg" --profile "$WORK/profile.yaml") || { rc=1; continue; }
+        # shellcheck disable=SC2206
+        flags=($flags)
+        case $cfg in
+          stock*) SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang); flags+=(--attention-backend "${STOCK_BACKEND:-triton}") ;;
+          *) SERVER_ENV=() ;;
+        esac
+        if serve "serve-$cfg" "$MODEL" --skip-tokenizer-init "${flags[@]}" \
+            --max-running-requests "${SERVE_MAX_RUNNING:-256}"; then
+          "$PY" "$REPO/bench/serve.py" --url "$URL" --name "$cfg" --model "$MODEL" \
+            --workload "${SERVE_WORKLOAD:-shared-context}" --sessions "${SERVE_SESSIONS:-64}" \
+            --scale "${SERVE_SCALE:-0.1}" --concurrency "${SERVE_CONCURRENCY:-16,64}" \
+            --device "$devname" \
+            --out "$OUT/serve-$cfg" > "$OUT/serve-$cfg.log" 2>&1 || rc=1
+          tail -12 "$OUT/serve-$cfg.log"
+          [ -e "$OUT/serve-$cfg.json" ] && parts+=("$OUT/serve-$cfg.json")
+        else
+          rc=1
+        fi
+        halt "serve-$cfg"
+      done
+      SERVER_ENV=()
+      [ ${#parts[@]} -gt 0 ] && "$PY" "$REPO/bench/serve.py" --merge "${parts[@]}" --model "$SHAPE" \
+        --workload "${SERVE_WORKLOAD:-shared-context}" --device "$devname" --out "$OUT/serve" > /dev/null ;;
     frontend)
       rc=1
       if serve tangram-text "$TEXT_MODEL" --kv-compression tangram \

@@ -1,0 +1,165 @@
+"""Multi-turn session workloads as JSONL any client can replay (one session per line).
+
+Three shapes, lengths in tokens, drawn from a seed:
+- `shared-context` (SCBench's multi-turn mode): one long document, then 3-8 follow-up
+  questions about it; the sessions share nothing but their shape.
+- `chat`: a shared system prompt, then 4-10 turns whose user and answer lengths are drawn
+  from log-normal distributions.
+- `agent`: a shared system prompt with tool descriptions, then 5-20 steps, each appending
+  a long tool output (1-8K tokens) and a short instruction.
+
+Sessions arrive as a Poisson process (`--rate` sessions/s; 0: all at once) and wait a
+think time (exponential, `--think` s mean) between turns. Token ids are random (no
+tokenizer is needed; a server started with `--skip-tokenizer-init` serves them) in
+[`--low`, `--vocab`), and a turn's prompt is the whole history: the previous prompt, the
+server's real answer, then the turn's new tokens. `--scale` multiplies every length, so
+the CPU runs the same shapes smaller.
+
+    python bench/workloads.py shared-context --sessions 16 --scale 0.1 --out wl.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+KINDS = ("shared-context", "chat", "agent")
+
+
+@dataclass
+class Turn:
+    """One turn: the new tokens appended after the history, and the answer length."""
+
+    new_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Session:
+    session_id: int
+    kind: str
+    arrival_s: float
+    think_s: list[float]
+    turns: list[Turn] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, line: str) -> Session:
+        data = json.loads(line)
+        data["turns"] = [Turn(**t) for t in data["turns"]]
+        return cls(**data)
+
+
+class Generator:
+    """Draws sessions of one kind; every length goes through `n()` (scaled, at least 1)."""
+
+    def __init__(self, kind: str, seed: int, scale: float, vocab: int, low: int) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"workload {kind!r} is not one of {', '.join(KINDS)}")
+        self.kind, self.scale, self.vocab, self.low = kind, scale, vocab, low
+        self.rng = random.Random(seed)
+        # Shared by every session of the run: chat's and agent's system prompts.
+        self.system = self.ids(self.n(512 if kind == "chat" else 2048))
+
+    def n(self, tokens: float) -> int:
+        return max(1, round(tokens * self.scale))
+
+    def answer(self, tokens: float) -> int:
+        """Answers keep at least 16 tokens at any scale (inter-token latency needs some)."""
+        return max(16, self.n(tokens))
+
+    def ids(self, count: int) -> list[int]:
+        return [self.rng.randrange(self.low, self.vocab) for _ in range(count)]
+
+    def lognormal(self, median: float, low: float, high: float) -> int:
+        return self.n(min(high, max(low, self.rng.lognormvariate(0.0, 0.6) * median)))
+
+    def turns(self) -> list[Turn]:
+        r = self.rng
+        if self.kind == "shared-context":
+            document = self.ids(self.n(r.uniform(2048, 65536)))
+            questions = r.randint(3, 8)
+            first = Turn(document + self.ids(self.n(r.uniform(32, 96))), self.answer(64))
+            follow = [
+                Turn(self.ids(self.n(r.uniform(32, 96))), self.answer(64))
+                for _ in range(questions - 1)
+            ]
+            return [first, *follow]
+        if self.kind == "chat":
+            count = r.randint(4, 10)
+            return [
+                Turn(
+                    (self.system if t == 0 else []) + self.ids(self.lognormal(128, 16, 1024)),
+                    max(16, self.lognormal(192, 16, 1024)),
+                )
+                for t in range(count)
+            ]
+        steps = r.randint(5, 20)
+        task = self.ids(self.n(r.uniform(64, 256)))
+        turns = [Turn(self.system + task, self.answer(96))]
+        for _ in range(steps - 1):
+            tool_output = self.ids(self.n(r.uniform(1024, 8192)))
+            turns.append(Turn(tool_output + self.ids(self.n(32)), self.answer(96)))
+        return turns
+
+    def sessions(self, count: int, rate: float, think: float) -> list[Session]:
+        clock, out = 0.0, []
+        for i in range(count):
+            if rate > 0 and i:
+                clock += self.rng.expovariate(rate)
+            turns = self.turns()
+            pauses = [self.rng.expovariate(1 / think) if think > 0 else 0.0 for _ in turns[1:]]
+            out.append(Session(i, self.kind, round(clock, 4), [round(p, 4) for p in pauses], turns))
+        return out
+
+
+def generate(
+    kind: str,
+    sessions: int,
+    seed: int = 0,
+    scale: float = 1.0,
+    rate: float = 0.0,
+    think: float = 0.0,
+    vocab: int = 32000,
+    low: int = 10,
+) -> list[Session]:
+    return Generator(kind, seed, scale, vocab, low).sessions(sessions, rate, think)
+
+
+def save(sessions: list[Session], path: str | Path) -> None:
+    Path(path).write_text("".join(s.to_json() + "\n" for s in sessions))
+
+
+def load(path: str | Path) -> list[Session]:
+    return [Session.from_json(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kind", choices=KINDS)
+    ap.add_argument("--sessions", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every length")
+    ap.add_argument("--rate", type=float, default=0.0, help="session arrivals per second")
+    ap.add_argument("--think", type=float, default=0.0, help="mean think time between turns")
+    ap.add_argument("--vocab", type=int, default=32000, help="token ids below this")
+    ap.add_argument("--low", type=int, default=10, help="token ids from this (skip specials)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    sessions = generate(
+        args.kind, args.sessions, args.seed, args.scale, args.rate, args.think, args.vocab, args.low
+    )
+    save(sessions, args.out)
+    tokens = sum(len(t.new_ids) for s in sessions for t in s.turns)
+    print(f"{args.out}: {len(sessions)} {args.kind} sessions, {tokens} new prompt tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

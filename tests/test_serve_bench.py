@@ -1,0 +1,85 @@
+"""The serving benchmark's workloads (`bench/workloads.py`) and a smoke run of its driver
+(`bench/serve.py`) against the real CPU server: results, the summary keys and the plots
+are produced. No speed is asserted (speed lives in bench/results/)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import serve  # noqa: E402
+import workloads  # noqa: E402
+
+SUMMARY_KEYS = {
+    "throughput_ratio_tangram_vs_stock_25pct",
+    "throughput_ratio_tangram_vs_uniform_25pct",
+    "throughput_ratio_tangram_vs_stock_fp8kv_25pct",
+    "ttft_p50_ratio_tangram_vs_stock",
+    "sessions_ratio_tangram_vs_stock_25pct",
+    "device",
+    "date",
+    "model",
+    "workload",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "turns", "first_tokens"),
+    [("shared-context", (3, 8), (2048 + 32, 65536 + 96)), ("chat", (4, 10), (512 + 16, 512 + 1024)),
+     ("agent", (5, 20), (2048 + 64, 2048 + 256))],
+)  # fmt: skip
+def test_workloads_have_their_shapes_and_replay_from_jsonl(kind, turns, first_tokens, tmp_path):
+    seed = random.randrange(2**31)
+    sessions = workloads.generate(kind, 12, seed=seed, rate=2.0, think=0.5, vocab=1000)
+    assert sessions == workloads.generate(kind, 12, seed=seed, rate=2.0, think=0.5, vocab=1000)
+    for s in sessions:
+        assert turns[0] <= len(s.turns) <= turns[1], f"seed {seed}: {len(s.turns)} turns"
+        assert first_tokens[0] <= len(s.turns[0].new_ids) <= first_tokens[1], f"seed {seed}"
+        assert len(s.think_s) == len(s.turns) - 1
+        assert all(10 <= t < 1000 for turn in s.turns for t in turn.new_ids)
+    arrivals = [s.arrival_s for s in sessions]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0 and arrivals[-1] > 0
+    path = tmp_path / "w.jsonl"
+    workloads.save(sessions, path)
+    assert workloads.load(path) == sessions
+    small = workloads.generate(kind, 12, seed=seed, scale=0.01)
+    assert sum(len(t.new_ids) for s in small for t in s.turns) < sum(
+        len(t.new_ids) for s in sessions for t in s.turns
+    )
+    assert min(t.max_tokens for s in small for t in s.turns) >= 16
+
+
+def test_unknown_configuration_is_named():
+    with pytest.raises(ValueError, match="'tangram' is not"):
+        serve.config_args("tangram", Path("p.yaml"))
+    assert serve.config_args("tangram-0.25-fp8", Path("p.yaml"))[0][-2:] == [
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+    ]
+
+
+@pytest.mark.server
+def test_driver_records_results_summary_and_plots(tmp_path):
+    out = tmp_path / "serve"
+    serve.main(
+        ["--workload", "shared-context", "--sessions", "3", "--scale", "0.01",
+         "--configs", "stock,tangram-0.25", "--concurrency", "1,3", "--out", str(out)]
+    )  # fmt: skip
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert set(record["summary"]) == SUMMARY_KEYS
+    assert record["summary"]["throughput_ratio_tangram_vs_stock_25pct"] > 0
+    for name in ("stock", "tangram-0.25"):
+        sweep = record["runs"][name]["sweep"]
+        assert [r["concurrency"] for r in sweep] == [1, 3]
+        for r in sweep:
+            assert r["requests"] == record["workload"]["turns"], f"{name}: {r}"
+            assert r["ttft_ms"]["p50"] > 0 and r["itl_ms"]["p50"] > 0, f"{name}: {r}"
+            assert r["cached_share_per_turn"][1] > 0.5, f"{name}: follow-ups missed the cache"
+    assert record["runs"]["tangram-0.25"]["pool"]["free_slots"] is not None
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| tangram-0.25 | 3 |" in out.with_suffix(".md").read_text()
