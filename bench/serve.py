@@ -247,6 +247,8 @@ def summary_keys(runs: dict[str, dict], args: argparse.Namespace) -> dict:
         "sessions_ratio_tangram_vs_stock_25pct": ratio(
             top, "tangram-0.25", "stock", lambda r: r["sessions_held"]
         ),
+        # the ratio above is None where stock held no session at all: the counts
+        "sessions_held": {name: r["sessions_held"] for name, r in top.items()},
         "device": args.device,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import requests
 
+from tangram_sglang.cpu.server import Launch
 from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS, corpus
 
 VOCAB = 1024
@@ -20,6 +21,32 @@ SHIPPED_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "tiny-qw
 COMPRESSED = ("--max-running-requests", "16")
 CHUNK = 64  # --chunked-prefill-size of the compressed conversation's server
 SYSTEM = 100  # a second session shares this many first tokens (inside the second chunk)
+
+
+def compressed_launches(*extra: str) -> dict[str, Launch]:
+    """`uniform` at 1.0 and the shipped profile at 0.25 (prefilled in chunks of CHUNK),
+    both with `extra` flags."""
+    return {
+        "uniform-1.0": Launch(
+            ["--kv-compression", "uniform", "--tangram-ratio", "1.0", *extra, *COMPRESSED],
+            attention=None,
+        ),
+        "tangram-0.25": Launch(
+            [
+                "--kv-compression",
+                "tangram",
+                "--tangram-profile",
+                str(SHIPPED_PROFILE),
+                "--tangram-ratio",
+                "0.25",
+                "--chunked-prefill-size",
+                str(CHUNK),
+                *extra,
+                *COMPRESSED,
+            ],
+            attention=None,
+        ),  # fmt: skip
+    }
 
 
 def workload(seed: int) -> dict:

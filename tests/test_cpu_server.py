@@ -23,10 +23,9 @@ import re
 import pytest
 from server_sessions import (
     CHUNK,
-    COMPRESSED,
     NEW_TOKENS,
-    SHIPPED_PROFILE,
     SYSTEM,
+    compressed_launches,
     run_conversation,
     transcript,
     workload,
@@ -47,24 +46,7 @@ def transcripts(model_dir, tmp_path_factory):
         "stock": Launch(plugins=False),
         # Naming the flag proves the plugin's hooks are live: stock SGLang rejects it.
         "plugin": Launch(["--kv-compression", "none"]),
-        "uniform-1.0": Launch(
-            ["--kv-compression", "uniform", "--tangram-ratio", "1.0", *COMPRESSED],
-            attention=None,
-        ),
-        "tangram-0.25": Launch(
-            [
-                "--kv-compression",
-                "tangram",
-                "--tangram-profile",
-                str(SHIPPED_PROFILE),
-                "--tangram-ratio",
-                "0.25",
-                "--chunked-prefill-size",
-                str(CHUNK),
-                *COMPRESSED,
-            ],
-            attention=None,
-        ),  # fmt: skip
+        **compressed_launches(),
     }
     with running_servers(model_dir, tmp_path_factory.mktemp("logs"), launches) as servers:
         stock, plugin, uniform = (

@@ -14,10 +14,8 @@ import random
 
 import pytest
 from server_sessions import (
-    CHUNK,
-    COMPRESSED,
     NEW_TOKENS,
-    SHIPPED_PROFILE,
+    compressed_launches,
     run_conversation,
     transcript,
     workload,
@@ -36,25 +34,7 @@ def fp8_runs(model_dir, tmp_path_factory):
     work = workload(seed)
     launches = {
         "stock-fp8": Launch([*FP8], plugins=False),
-        "uniform-1.0-fp8": Launch(
-            ["--kv-compression", "uniform", "--tangram-ratio", "1.0", *FP8, *COMPRESSED],
-            attention=None,
-        ),
-        "tangram-0.25-fp8": Launch(
-            [
-                "--kv-compression",
-                "tangram",
-                "--tangram-profile",
-                str(SHIPPED_PROFILE),
-                "--tangram-ratio",
-                "0.25",
-                "--chunked-prefill-size",
-                str(CHUNK),
-                *FP8,
-                *COMPRESSED,
-            ],
-            attention=None,
-        ),  # fmt: skip
+        **{f"{name}-fp8": launch for name, launch in compressed_launches(*FP8).items()},
     }
     with running_servers(model_dir, tmp_path_factory.mktemp("logs"), launches) as servers:
         stock, uniform = (transcript(servers[n], work) for n in ("stock-fp8", "uniform-1.0-fp8"))

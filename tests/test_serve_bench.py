@@ -21,6 +21,7 @@ SUMMARY_KEYS = {
     "throughput_ratio_tangram_vs_stock_fp8kv_25pct",
     "ttft_p50_ratio_tangram_vs_stock",
     "sessions_ratio_tangram_vs_stock_25pct",
+    "sessions_held",
     "device",
     "date",
     "model",

@@ -130,6 +130,28 @@ sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check
     | awk '{print $2}' | sort -n | tail -1)"
   halt "$name"
 }
+greedy_pair() {  # greedy_pair TAG STOCK-ARGS... -- TANGRAM-ARGS...: stock, then tangram at
+  # ratio 1.0 (both with SERVER_ENV), the same greedy prompts, compared; sets rc
+  local tag=$1 stock_args=() env=("${SERVER_ENV[@]}"); shift
+  while [ "$1" != -- ]; do stock_args+=("$1"); shift; done; shift
+  local g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
+  rc=1
+  SERVER_ENV=("${env[@]}" SGLANG_PLUGINS=none-stock-sglang)  # stock: our plugin not loaded
+  if serve "stock-$tag" "$MODEL" --skip-tokenizer-init "${stock_args[@]}"; then
+    check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock-$tag.json"
+    halt "stock-$tag"
+    SERVER_ENV=("${env[@]}")
+    if serve "tangram-$tag-r1.0" "$MODEL" --skip-tokenizer-init "${tangram[@]}" \
+        --tangram-ratio 1.0 "$@"; then
+      check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram-$tag.json"
+      halt "tangram-$tag-r1.0"
+      check compare "$OUT/greedy-stock-$tag.json" "$OUT/greedy-tangram-$tag.json" \
+        --out "$OUT/greedy-compare-$tag.json"
+      rc=$?
+    fi
+  fi
+  halt "stock-$tag"; SERVER_ENV=()
+}
 worst() { for r in "$@"; do [ "$r" = 0 ] || { echo "$r"; return; }; done; echo 0; }
 
 declare -A RC
@@ -144,49 +166,19 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       rc=$?
       tail -15 "$OUT/gputests.log" ;;
     greedy)  # fp32: kernels' reduction orders differ, but nothing rounds to bf16 or tf32
-      fp32=(TRITON_F32_DEFAULT=ieee)
+      SERVER_ENV=(TRITON_F32_DEFAULT=ieee)
       # SGLang's CUDA custom ops have no fp32 kernels: native torch forwards in both servers.
-      [ "$DEVICE" = cpu ] || fp32+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
-      g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
-      rc=1
-      SERVER_ENV=("${fp32[@]}" SGLANG_PLUGINS=none-stock-sglang)  # stock: our plugin not loaded
+      [ "$DEVICE" = cpu ] || SERVER_ENV+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
       # No graphs for stock: its prefill graphs capture 58 sizes, slow with native fp32 ops.
-      if serve stock-fp32 "$MODEL" --skip-tokenizer-init --dtype float32 \
-          --attention-backend "${STOCK_BACKEND:-triton}" --disable-decode-cuda-graph \
-          --disable-prefill-cuda-graph; then
-        check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock.json"
-        halt stock-fp32
-        SERVER_ENV=("${fp32[@]}")
-        if serve tangram-fp32-r1.0 "$MODEL" --skip-tokenizer-init --dtype float32 "${tangram[@]}" \
-            --tangram-ratio 1.0 --max-running-requests 64 --cuda-graph-max-bs-decode 8; then
-          check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram.json"
-          halt tangram-fp32-r1.0
-          check compare "$OUT/greedy-stock.json" "$OUT/greedy-tangram.json" \
-            --out "$OUT/greedy-compare.json"
-          rc=$?
-        fi
-      fi
-      halt stock-fp32; SERVER_ENV=() ;;
+      greedy_pair fp32 --dtype float32 --attention-backend "${STOCK_BACKEND:-triton}" \
+        --disable-decode-cuda-graph --disable-prefill-cuda-graph \
+        -- --dtype float32 --max-running-requests 64 --cuda-graph-max-bs-decode 8 ;;
     greedy-flashinfer)  # --tangram-kernels flashinfer at 1.0 against stock's FlashInfer
       # backend, bf16, decode graphs on (FlashInfer has no fp32 decode: tokens may part where
       # two logits tie within bf16 rounding; the comparison reports where)
-      g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
-      rc=1
-      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
-      if serve stock-flashinfer "$MODEL" --skip-tokenizer-init --attention-backend flashinfer; then
-        check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock-flashinfer.json"
-        halt stock-flashinfer
-        SERVER_ENV=()
-        if serve tangram-flashinfer-r1.0 "$MODEL" --skip-tokenizer-init "${tangram[@]}" \
-            --tangram-ratio 1.0 --tangram-kernels flashinfer --max-running-requests 64; then
-          check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram-flashinfer.json"
-          halt tangram-flashinfer-r1.0
-          check compare "$OUT/greedy-stock-flashinfer.json" "$OUT/greedy-tangram-flashinfer.json" \
-            --out "$OUT/greedy-flashinfer-compare.json"
-          rc=$?
-        fi
-      fi
-      halt stock-flashinfer; SERVER_ENV=() ;;
+      SERVER_ENV=()
+      greedy_pair flashinfer --attention-backend flashinfer \
+        -- --tangram-kernels flashinfer --max-running-requests 64 ;;
     sessions)
       sessions tangram-r0.25 sessions.json "${tangram[@]}" --tangram-ratio 0.25 ;;
     sessions-uniform)  # the same sessions, one ratio for every head (the fair baseline)
