@@ -421,9 +421,10 @@ def merged(paths: list[str]) -> dict:
 def write(record: dict, out: Path, args: argparse.Namespace) -> int:
     record["summary"] = summary_keys(record["runs"], args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(record))
-    plot(record["runs"], out.with_suffix(".png"))
+    path = {ext: out.parent / f"{out.name}.{ext}" for ext in ("json", "md", "png")}
+    path["json"].write_text(json.dumps(record, indent=1) + "\n")
+    path["md"].write_text(markdown(record))
+    plot(record["runs"], path["png"])
     print(markdown(record))
     return 0
 
