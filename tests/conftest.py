@@ -1,5 +1,6 @@
 """Test environment: CPU stand-ins for SGLang's GPU-only imports, in this process and in
-every process a test spawns (servers, schedulers), via tangram_sglang/cpu/shims on PYTHONPATH."""
+every process a test spawns (servers, schedulers), via tangram_sglang/cpu/shims on
+PYTHONPATH; the strict idle pool check in every server."""
 
 import os
 import sys
@@ -12,6 +13,8 @@ if str(SHIMS) not in sys.path:
         p for p in (str(SHIMS), os.environ.get("PYTHONPATH", "")) if p
     )
 os.environ.pop("SGLANG_USE_CPU_ENGINE", None)
+# Every server a test starts walks each pool slot at idle (patches/invariants.py).
+os.environ["TANGRAM_STRICT_POOL_CHECK"] = "1"
 
 import torch  # noqa: E402
 

@@ -25,7 +25,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParam
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from tangram_sglang.patches.invariants import idle_problems, pool_leaks
+from tangram_sglang.patches.invariants import STRICT_ENV, idle_problems, pool_leaks
 from test_admission import make_req, plugin_hooks  # noqa: F401  (the fixture)
 from test_allocator import RULE
 
@@ -490,6 +490,7 @@ def test_idle_check_names_a_leftover_reservation_and_a_drifted_count():
 
 
 def test_the_idle_pool_walk_runs_again_only_after_the_pools_change(monkeypatch):
+    monkeypatch.setenv(STRICT_ENV, "1")
     seed = random.randrange(10_000)
     rng = random.Random(seed)
     cache, allocator = make_cache(seed, slots=500)
@@ -509,3 +510,21 @@ def test_the_idle_pool_walk_runs_again_only_after_the_pools_change(monkeypatch):
         f"seed {seed}: a leaked group slot went unreported: {problems}"
     )
     assert pool_leaks(allocator, cache) == problems and len(walks) == 4, "a leak must stay reported"
+
+
+def test_without_the_strict_flag_the_idle_check_counts_and_still_finds_a_leak(monkeypatch):
+    """Default idle check (no per-slot walk): a group slot taken outside the mapping breaks
+    that group's count and is reported."""
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed, slots=500)
+    sched = MiniScheduler(cache, allocator, None, rng)
+    monkeypatch.setattr(allocator, "leaks", lambda: pytest.fail("walked without the flag"))
+    sched.submit(make_req("a", random_tokens(rng, 30), 3))
+    run_until_idle(sched)
+    assert pool_leaks(allocator, cache) == [], f"seed {seed}"
+    group = rng.randrange(allocator.pool.num_groups)
+    allocator.pool.allocators[group].alloc(1)
+    problems = pool_leaks(allocator, cache)
+    assert any(f"group {group}:" in p for p in problems), f"seed {seed}: {problems}"

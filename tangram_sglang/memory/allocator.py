@@ -420,6 +420,18 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         """Group slots each group has handed to logical slots."""
         return tuple(int(x) for x in (self.logical_to_group[:, 1:] > 0).sum(1).tolist())
 
+    def count_leaks(self) -> list[str]:
+        """Per group: free + mapped must equal capacity (the cheap half of `leaks`)."""
+        problems = []
+        for g, (mapped, free) in enumerate(
+            zip(self.mapped_counts(), self.pool.free_slots(), strict=True)
+        ):
+            if mapped + free != self.pool.slots[g]:
+                problems.append(
+                    f"group {g}: {mapped} mapped + {free} free != {self.pool.slots[g]} slots"
+                )
+        return problems
+
     def leaks(self) -> list[str]:
         """Per group: free + mapped must equal capacity and no slot may be mapped twice or
         both mapped and free. Returns one readable line per broken group (empty: fine)."""
