@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": args.scale,
             "turns": sum(len(s.turns) for s in sessions),
             "new_prompt_tokens": sum(len(t.new_ids) for s in sessions for t in s.turns),
-            "max_total_tokens": args.max_total_tokens,
+            "max_total_tokens": None if args.url else args.max_total_tokens,
         },  # fmt: skip
         "runs": runs,
     }
