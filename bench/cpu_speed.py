@@ -33,45 +33,12 @@ from pathlib import Path
 
 import requests
 
-from tangram_sglang.cpu.server import SHIMS, Launch, running_servers
+from tangram_sglang.cpu.server import SHIMS, running_servers
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {
-    "tiny": ROOT / "profiles" / "tiny-qwen3.ada-snapkv.yaml",
-    "smollm2": ROOT / "profiles" / "smollm2-135m-instruct.headkv.yaml",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import PROFILES, config_launch, model_dir  # noqa: E402
 
-
-def model_dir(name: str, work: Path) -> Path:
-    if name == "tiny":
-        from tangram_sglang.models.tiny import build_tiny_chat_model
-
-        return build_tiny_chat_model(work / "tiny-model")
-    from tangram_sglang.models import smollm2
-
-    return smollm2.build()
-
-
-def launches(model: str, max_running: int) -> dict[str, Launch]:
-    compressed = ("--max-running-requests", str(max_running))
-    return {
-        "stock": Launch(plugins=False),
-        "uniform-1.0": Launch(
-            ["--kv-compression", "uniform", "--tangram-ratio", "1.0", *compressed], attention=None
-        ),
-        "tangram-0.25": Launch(
-            [
-                "--kv-compression",
-                "tangram",
-                "--tangram-profile",
-                str(PROFILES[model]),
-                "--tangram-ratio",
-                "0.25",
-                *compressed,
-            ],
-            attention=None,
-        ),  # fmt: skip
-    }
+SERVERS = ("stock", "uniform-1.0", "tangram-0.25")
 
 
 def flush(url: str) -> None:
@@ -136,7 +103,7 @@ def sglang_bench_serving(server, model: Path, requests: int, output: int, work: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=tuple(PROFILES), default="tiny")
-    ap.add_argument("--servers", default="stock,uniform-1.0,tangram-0.25")
+    ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--input", type=int, default=300)
     ap.add_argument("--output", type=int, default=64)
@@ -159,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     history = ids(args.history)
     rows = {}
     for name in args.servers.split(","):
-        launch = launches(args.model, max(32, args.requests))[name]
+        extra = ["--max-running-requests", str(max(32, args.requests))]
+        launch = config_launch(name, PROFILES[args.model], extra if name != "stock" else [])
         with running_servers(model, work / "logs", {name: launch}) as servers:
             server = servers[name]
             rows[name] = {

@@ -64,6 +64,12 @@ def config_args(name: str, profile: Path) -> tuple[list[str], bool]:
     raise ValueError(f"configuration {name!r} is not stock[-fp8], uniform-R or tangram-R[-fp8]")
 
 
+def config_launch(name: str, profile: Path, extra: list[str]) -> Launch:
+    """The CPU server of a named configuration (stock on SGLang's `torch_native`)."""
+    flags, plugins = config_args(name, profile)
+    return Launch([*flags, *extra], plugins=plugins, attention=None if plugins else "torch_native")
+
+
 @dataclass
 class TurnRecord:
     session: int
@@ -375,12 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             runs[name] = drive(args.url, sessions, levels, name)
             continue
-        flags, plugins = config_args(name, profile)
         extra = ["--max-total-tokens", str(args.max_total_tokens), *args.server_args.split()]
-        launch = Launch(
-            [*flags, *extra, "--max-running-requests", str(max(levels) + 8)],
-            plugins=plugins,
-            attention="torch_native" if not plugins else None,
+        launch = config_launch(
+            name, profile, [*extra, "--max-running-requests", str(max(levels) + 8)]
         )
         with running_servers(model, work / "logs", {name: launch}) as servers:
             runs[name] = drive(servers[name].url, sessions, levels, name)

@@ -131,11 +131,18 @@ def _new_output(like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like)
 
 
+def _as_range(index: Sequence[int]) -> slice | None:
+    """`index` as a slice when it is consecutive ints (else None)."""
+    start, count = index[0], len(index)
+    return slice(start, start + count) if list(index) == list(range(start, start + count)) else None
+
+
 def _pick(x: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
     """`x` restricted to `index` along `dim`: a view when the indices are a range (as stock
     torch_native's tensors are), a gather otherwise."""
-    if list(index) == list(range(index[0], index[0] + len(index))):
-        return x.narrow(dim, index[0], len(index))
+    span = _as_range(index)
+    if span is not None:
+        return x.narrow(dim, span.start, span.stop - span.start)
     return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
 
 
@@ -150,10 +157,8 @@ def layer_scales(layer, dtype: torch.dtype) -> tuple[float, float]:
 
 def _put(out: torch.Tensor, b: int, heads: Sequence[int], value: torch.Tensor) -> None:
     """`out[b, heads] = value`: a slice copy when the heads are a range (`_pick`'s view)."""
-    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
-        out[b : b + 1, heads[0] : heads[0] + len(heads)] = value
-    else:
-        out[b : b + 1, heads] = value
+    span = _as_range(heads)
+    out[b : b + 1, span if span is not None else list(heads)] = value
 
 
 def _num_q_heads(model_runner, pool: RaggedPool) -> int:
