@@ -16,7 +16,8 @@
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
 # "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
 # stock + FP8 KV, tangram 0.25 and tangram 0.25 + FP8 KV; "serve" runs bench/serve.py
-# (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY).
+# (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY,
+# SERVE_MAX_TOTAL_TOKENS).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3),
@@ -215,6 +216,8 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         flags=$("$PY" "$REPO/bench/serve.py" --flags "$cfg" --profile "$WORK/profile.yaml") || { rc=1; continue; }
         # shellcheck disable=SC2206
         flags=($flags)
+        # A pool small enough that stock must evict (every configuration the same bytes)
+        [ -n "${SERVE_MAX_TOTAL_TOKENS:-}" ] && flags+=(--max-total-tokens "$SERVE_MAX_TOTAL_TOKENS")
         case $cfg in
           stock*) SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang); flags+=(--attention-backend "${STOCK_BACKEND:-triton}") ;;
           *) SERVER_ENV=() ;;
