@@ -14,6 +14,7 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from tangram_sglang.config import ConfigError, TangramConfig
 from tangram_sglang.memory.allocator import TangramAllocator, build_tangram_pools
+from tangram_sglang.memory.layout import rank_heads
 from tangram_sglang.offline.capacity import serving_sessions
 
 from . import Hook
@@ -39,7 +40,7 @@ def init_pools(
     from sglang.srt.mem_cache.kv_cache_configurator import _InitializedPools
 
     profile = config.validate(self.server_args.model_path)
-    _check_model(profile, self)
+    tp_rank, tp_size = _check_model(profile, self)
     req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=sizes.max_running_requests)
     table = req_to_token_pool.req_to_token
     workload = config.serving_workload(table.shape[1])
@@ -53,6 +54,8 @@ def init_pools(
         max_requests=table.shape[0] - 1,
         max_context=table.shape[1],
         workload=workload,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
     )
     pool = kv_pool.pool
     full, tangram = serving_sessions(
@@ -86,24 +89,27 @@ def init_pools(
     )
 
 
-def _check_model(profile: Any, configurator: Any) -> None:
-    """The profile describes the model the runner loaded (one TP rank, every layer)."""
+def _check_model(profile: Any, configurator: Any) -> tuple[int, int]:
+    """The profile describes the model the runner loaded: every layer, and this TP rank's
+    share of the kv heads. Returns (rank, ranks) of attention tensor parallelism."""
     from sglang.srt.runtime_context import get_parallel
 
-    kv_heads = configurator.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
-    layers = configurator.layer_info.num_effective_layers
+    parallel = get_parallel()
+    rank, ranks = parallel.attn_tp_rank, parallel.attn_tp_size
     m = profile.model
-    if (kv_heads, layers, configurator.model_config.head_dim) != (
-        m.num_kv_heads,
-        m.num_layers,
-        m.head_dim,
-    ):
+    try:
+        own = len(rank_heads(rank, m.num_kv_heads, ranks))
+    except ValueError as e:
+        raise ConfigError(f"--kv-compression with tensor parallelism: {e}") from None
+    kv_heads = configurator.model_config.get_num_kv_heads(ranks)
+    layers = configurator.layer_info.num_effective_layers
+    if (kv_heads, layers, configurator.model_config.head_dim) != (own, m.num_layers, m.head_dim):
         raise ConfigError(
             f"--kv-compression: the loaded model has {layers} layers x {kv_heads} kv heads of "
-            f"dim {configurator.model_config.head_dim} per rank, the profile describes "
-            f"{m.num_layers} x {m.num_kv_heads} of dim {m.head_dim} (tensor parallelism is "
-            "not supported)"
+            f"dim {configurator.model_config.head_dim} on each of {ranks} rank(s), the profile "
+            f"describes {m.num_layers} x {m.num_kv_heads} of dim {m.head_dim} ({own} per rank)"
         )
+    return rank, ranks
 
 
 def configure(original: Any, self: Any, **kwargs: Any) -> Any:

@@ -35,6 +35,7 @@ from tangram_sglang.config import (
     TangramConfig,
     model_conflicts,
     read_hf_config,
+    tp_conflicts,
 )
 from tangram_sglang.memory.radix import self_test as radix_self_test
 
@@ -116,8 +117,6 @@ def unsupported(args: Any) -> list[str]:
         found.append(f"speculative decoding (--speculative-algorithm {args.speculative_algorithm})")
     if args.enable_hierarchical_cache:
         found.append("hierarchical cache (--enable-hierarchical-cache)")
-    if args.tp_size > 1:
-        found.append(f"tensor parallelism (--tp-size {args.tp_size}; one GPU per server for now)")
     if str(args.kv_cache_dtype) not in KV_CACHE_DTYPES:
         found.append(
             f"block-scaled KV (--kv-cache-dtype {args.kv_cache_dtype}; the head-group pools "
@@ -177,7 +176,11 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         config.validate(args.model_path)  # refuses stray --tangram-* flags, reads nothing
         return original(cls, args)
     model_dir = _model_dir(args.model_path, getattr(args, "revision", None))
-    _refuse(config, unsupported(args) + model_conflicts(read_hf_config(model_dir)))
+    hf_config = read_hf_config(model_dir)
+    _refuse(
+        config,
+        unsupported(args) + model_conflicts(hf_config) + tp_conflicts(hf_config, args.tp_size),
+    )
     broken = radix_self_test()
     if broken:
         raise ConfigError(

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--page-size", type=int, default=1, help="tokens per KV page")
     plan.add_argument(
+        "--tp-size", type=int, default=1, help="tensor-parallel ranks (--kv-gib is per GPU)"
+    )
+    plan.add_argument(
         "--ratio", type=float, help="memory share to serve at (default: the profile as calibrated)"
     )
     plan.add_argument("--context", type=int, default=8192, help="first prompt tokens per session")
@@ -101,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(args.context, args.turns, args.user_tokens, args.answer_tokens)
         kv_bytes = int(args.kv_gib * 2**30)
         dtype_bytes = KV_BYTES[args.kv_cache_dtype]
-        plan = capacity_plan(profile, kv_bytes, workload, dtype_bytes, args.page_size, args.ratio)
+        plan = capacity_plan(
+            profile, kv_bytes, workload, dtype_bytes, args.page_size, args.ratio, args.tp_size
+        )
     except (ProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

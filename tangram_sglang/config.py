@@ -18,6 +18,7 @@ from typing import Any
 
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.memory.budget import Workload, serving_workload
+from tangram_sglang.memory.layout import rank_heads
 from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
 MODES = ("none", "tangram", "uniform")
@@ -205,3 +206,18 @@ def model_conflicts(hf_config: Mapping[str, Any]) -> list[str]:
     if other_layers:
         conflicts.append(f"hybrid models with {', '.join(other_layers)} layers")
     return conflicts
+
+
+def tp_conflicts(hf_config: Mapping[str, Any], tp_size: int) -> list[str]:
+    """Tensor parallelism splits whole kv heads over the ranks (each rank stores its own
+    share of every head group); a split SGLang would replicate unevenly is refused."""
+    if tp_size <= 1:
+        return []
+    text = hf_config.get("text_config")
+    config = text if isinstance(text, Mapping) else hf_config
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    try:
+        rank_heads(0, int(heads), tp_size)
+    except (TypeError, ValueError) as e:
+        return [f"tensor parallelism (--tp-size {tp_size}: {e})"]
+    return []

@@ -6,6 +6,7 @@ an SGLang frontend program)."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import requests
@@ -94,6 +95,39 @@ def pool_state(server) -> dict:
 def flush(server) -> None:
     response = requests.post(f"{server.url}/flush_cache", timeout=30)
     assert response.ok, f"/flush_cache -> {response.status_code}: {response.text[:300]}"
+
+
+def flush_when_idle(server, wait: float = 60) -> None:
+    """`/flush_cache` once the scheduler is idle (it answers 400 while requests are pending,
+    e.g. an abort still draining)."""
+    deadline = time.monotonic() + wait
+    while True:
+        response = requests.post(f"{server.url}/flush_cache", timeout=30)
+        if response.ok:
+            return
+        assert time.monotonic() < deadline, f"/flush_cache kept failing: {response.text[:300]}"
+        time.sleep(0.5)
+
+
+def stream_ids(server, prompt: list[int], max_new: int, stop_after: int | None, rid=None) -> int:
+    """A streamed greedy `/generate`; closes the connection after `stop_after` chunks (a
+    client abort). Returns the number of chunks read."""
+    payload = {
+        "input_ids": prompt,
+        "stream": True,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new, "ignore_eos": True},
+    }
+    if rid is not None:
+        payload["rid"] = rid
+    read = 0
+    with requests.post(f"{server.url}/generate", json=payload, stream=True, timeout=300) as r:
+        assert r.ok, f"/generate -> {r.status_code}: {r.text[:300]}"
+        for line in r.iter_lines():
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                read += 1
+                if stop_after is not None and read >= stop_after:
+                    break
+    return read
 
 
 def post_ids(server, prompt: list[int], **params) -> tuple[int, str]:

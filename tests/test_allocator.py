@@ -13,9 +13,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from test_pool import workloads
 
 from tangram_sglang.attention.backend import KeptOwners
+from tangram_sglang.config import tp_conflicts
 from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
 from tangram_sglang.memory.budget import BudgetRule, Workload, kept_tokens, session_slots
-from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.layout import PoolLayout, rank_heads
 from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
 from tangram_sglang.models.synthetic import synthetic_profile
 from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
@@ -190,6 +191,55 @@ def test_built_pools_are_split_so_chat_sessions_exhaust_every_group_together():
         f"seed {seed}: groups {pool.slots} hold {fits} sessions of {demand} slots: one group "
         "runs out long before the others"
     )
+
+
+@pytest.mark.parametrize("tp_size", [2, 4, 8])
+def test_tensor_parallel_ranks_store_their_own_heads_in_agreed_slots(tp_size):
+    """Every (layer, kv head) lands on exactly one rank (or, with fewer heads than ranks,
+    on the ranks SGLang replicates it to); all ranks get the same group slots and logical
+    space, each within its bytes, and the heaviest rank uses its budget."""
+    seed = random.randrange(10_000)
+    model = ModelIdentity("test", 3, 8, 4, 8, f"tp{seed}")
+    profile = synthetic_profile(model, 0.25, seed=seed)
+    full = random.randint(500, 1500)
+    built = [
+        build_tangram_pools(
+            profile, None, "snapkv", full, torch.float32, "cpu", 4, 256, None, rank, tp_size
+        )
+        for rank in range(tp_size)
+    ]
+    layout = PoolLayout.from_profile(profile)
+    for layer in range(model.num_layers):
+        owners = {}
+        for rank, (kv_pool, _) in enumerate(built):
+            own = rank_heads(rank, model.num_kv_heads, tp_size)
+            shard = kv_pool.pool.layout
+            assert shard.num_kv_heads == len(own) and shard.ratios == layout.ratios
+            for g in range(layout.num_groups):
+                for local in shard.heads[g][layer]:
+                    owners.setdefault((own[local], g), []).append(rank)
+        stored = sorted((h, g) for g in range(layout.num_groups) for h in layout.heads[g][layer])
+        assert sorted(owners) == stored, f"seed {seed}: layer {layer} stores {sorted(owners)}"
+        copies = {len(r) for r in owners.values()}
+        assert copies == {max(1, tp_size // model.num_kv_heads)}, f"seed {seed}: {owners}"
+    slots = {kv_pool.pool.slots for kv_pool, _ in built}
+    logical = {allocator.size for _, allocator in built}
+    assert len(slots) == 1 and len(logical) == 1, f"seed {seed}: ranks disagree: {slots} {logical}"
+    budget = full * layout.shard(0, tp_size).full_token_bytes(4)
+    used = [kv_pool.pool.total_bytes() for kv_pool, _ in built]
+    assert max(used) <= budget, f"seed {seed}: a rank's pools take {used} of {budget} bytes"
+    page = sum(layout.shard(0, tp_size).slot_bytes(g, 4) for g in range(layout.num_groups))
+    assert max(used) >= budget - 2 * page * tp_size, f"seed {seed}: {used} of {budget} bytes"
+
+
+def test_a_split_sglang_cannot_make_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="4 kv heads do not split evenly over --tp-size 3"):
+        rank_heads(0, 4, 3)
+    assert tp_conflicts({"num_key_value_heads": 4}, 3) == [
+        "tensor parallelism (--tp-size 3: 4 kv heads do not split evenly over --tp-size 3)"
+    ]
+    assert tp_conflicts({"num_key_value_heads": 4}, 2) == []
+    assert rank_heads(5, 2, 8) == (1,), "fewer heads than ranks: SGLang replicates each head"
 
 
 # ---- the request ledger under serving traces -------------------------------------------

@@ -68,6 +68,25 @@ def test_plan_command_prints_the_table(tmp_path, capsys):
         assert needle in out
 
 
+def test_plan_under_tensor_parallelism_counts_each_ranks_heads(tmp_path, capsys):
+    """Per GPU, a rank holds 1/tp of the heads: full KV fits tp times the sessions, and the
+    group slots are the ones every rank can hold (the heaviest rank fills its budget)."""
+    seed = int(np.random.default_rng().integers(1e6))
+    profile = synthetic_profile(MODEL, 0.25, seed=seed)
+    workload = Workload(2000, 2, 64, 32)
+    kv_bytes = 64 * 2**20
+    one, two = (capacity_plan(profile, kv_bytes, workload, tp_size=n) for n in (1, 2))
+    assert two.rows[0].sessions in (2 * one.rows[0].sessions, 2 * one.rows[0].sessions + 1)
+    assert max(two.rank_use) > 0.99 and min(two.rank_use) <= max(two.rank_use)
+    assert one.rows[-1].sessions <= two.rows[-1].sessions <= 2 * one.rows[-1].sessions + 1, seed
+    path = tmp_path / "p.yaml"
+    profile.save(path)
+    assert main(["plan", "--profile", str(path), "--tp-size", "2"]) == 0
+    assert "tensor parallel 2: " in capsys.readouterr().out
+    assert main(["plan", "--profile", str(path), "--tp-size", "3"]) == 2
+    assert "4 kv heads do not split evenly over --tp-size 3" in capsys.readouterr().err
+
+
 def test_plan_command_reports_a_bad_profile_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("format: tangram-profile/1\nmethod: ada-snapkv\n")

@@ -139,9 +139,12 @@ def test_chat_completion_uses_local_tokenizer(transcripts):
             "(--speculative-algorithm EAGLE)",
         ),
         (["--tangram-ratio", "1.5"], "--tangram-ratio 1.5 is outside (0, 1]"),
-        (["--tp-size", "2"], "tensor parallelism (--tp-size 2; one GPU per server for now)"),
+        (
+            ["--tp-size", "3"],
+            "tensor parallelism (--tp-size 3: 4 kv heads do not split evenly over --tp-size 3)",
+        ),
     ],
-    ids=["speculative-decoding", "ratio-1.5", "tensor-parallel"],
+    ids=["speculative-decoding", "ratio-1.5", "tensor-parallel-uneven"],
 )
 def test_bad_flag_combination_is_refused_at_startup(
     model_dir, profile_file, tmp_path, flags, message

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from server_sessions import flush_when_idle, stream_ids
 
 from tangram_sglang.cpu.server import Launch, running_servers
 from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS
@@ -53,39 +54,6 @@ def _pool(server) -> dict:
     return response.json()["internal_states"][0]["tangram_pool"]
 
 
-def _flush(server, wait: float = 60) -> None:
-    """`/flush_cache` once the scheduler is idle (it answers 400 while requests are pending,
-    e.g. an abort still draining)."""
-    deadline = time.monotonic() + wait
-    while True:
-        response = requests.post(f"{server.url}/flush_cache", timeout=30)
-        if response.ok:
-            return
-        assert time.monotonic() < deadline, f"/flush_cache kept failing: {response.text[:300]}"
-        time.sleep(0.5)
-
-
-def _stream(server, prompt: list[int], max_new: int, stop_after: int | None, rid=None) -> int:
-    """A streamed greedy `/generate`; closes the connection after `stop_after` chunks (a
-    client abort). Returns the number of chunks read."""
-    payload = {
-        "input_ids": prompt,
-        "stream": True,
-        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new, "ignore_eos": True},
-    }
-    if rid is not None:
-        payload["rid"] = rid
-    read = 0
-    with requests.post(f"{server.url}/generate", json=payload, stream=True, timeout=300) as r:
-        assert r.ok, f"/generate -> {r.status_code}: {r.text[:300]}"
-        for line in r.iter_lines():
-            if line.startswith(b"data:") and line != b"data: [DONE]":
-                read += 1
-                if stop_after is not None and read >= stop_after:
-                    break
-    return read
-
-
 def _generate(server, prompt: list[int], max_new: int) -> dict:
     """Greedy `/generate` with a long timeout: 64 sessions queue on 16 request rows."""
     params = {"temperature": 0.0, "max_new_tokens": max_new, "ignore_eos": True}
@@ -99,7 +67,7 @@ def _session(server, seed: int, abort: bool) -> list[int]:
     history, cached = _ids(rng, rng.randint(60, 160)), []
     for turn in range(3):
         if abort and turn == 1:
-            _stream(server, history, 32, stop_after=rng.randint(1, 4))
+            stream_ids(server, history, 32, stop_after=rng.randint(1, 4))
             return cached
         reply = _generate(server, history, rng.randint(8, 24))
         cached.append(reply["meta_info"]["cached_tokens"])
@@ -108,7 +76,7 @@ def _session(server, seed: int, abort: bool) -> list[int]:
 
 
 def _clean(server, name: str, seed: int) -> dict:
-    _flush(server)
+    flush_when_idle(server)
     state = _pool(server)
     groups = len(state["slots"])
     assert state["reserved"] == [0] * groups and state["reserved_requests"] == 0, (
@@ -160,12 +128,12 @@ def test_client_aborts_mid_stream_and_mid_chunked_prefill_release_exactly(server
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     server = servers["pressure"]
-    _flush(server)
+    flush_when_idle(server)
     for _ in range(3):
-        assert _stream(server, _ids(rng, rng.randint(20, 100)), 200, stop_after=3) == 3
+        assert stream_ids(server, _ids(rng, rng.randint(20, 100)), 200, stop_after=3) == 3
     long = _ids(rng, 560)  # 9 chunks of 64
     rid = f"chunked-{seed}"
-    worker = threading.Thread(target=_stream, args=(server, long, 50, None, rid))
+    worker = threading.Thread(target=stream_ids, args=(server, long, 50, None, rid))
     worker.start()
     time.sleep(0.2 + rng.random() * 0.5)
     requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=30)
@@ -178,7 +146,7 @@ def test_64_concurrent_sessions_with_random_aborts_on_a_small_pool(servers):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     server = servers["pressure"]
-    _flush(server)
+    flush_when_idle(server)
     aborting = {i for i in range(64) if rng.random() < 0.25}
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(lambda i: _session(server, seed + i, i in aborting), range(64)))
@@ -193,7 +161,7 @@ def test_forced_retractions_come_back_and_finish(servers):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     server = servers["retract"]
-    _flush(server)
+    flush_when_idle(server)
     lengths = [rng.randint(30, 60) for _ in range(8)]
     with ThreadPoolExecutor(8) as pool:
         replies = list(
@@ -214,7 +182,7 @@ def test_forced_retractions_come_back_and_finish(servers):
 def test_metrics_show_every_group_and_token_usage_is_the_kv_share(servers):
     seed = random.randrange(2**32)
     server = servers["pressure"]
-    _flush(server)
+    flush_when_idle(server)
     server.generate(_ids(random.Random(seed), 30), 4)
     groups = len(_pool(server)["slots"])
     metrics = requests.get(f"{server.url}/metrics", timeout=30).text

@@ -167,9 +167,10 @@ BAD_INPUTS = [
     ),
     ("pipeline", ["--pp-size", "2"], "does not support: pipeline parallelism (--pp-size 2)"),
     (
-        "tensor-parallel",
-        ["--tp-size", "2"],
-        "does not support: tensor parallelism (--tp-size 2; one GPU per server for now)",
+        "tensor-parallel-uneven",
+        ["--tp-size", "3"],
+        "does not support: tensor parallelism (--tp-size 3: 4 kv heads do not split evenly "
+        "over --tp-size 3)",
     ),
     (
         "fp4-kv",

@@ -20,7 +20,8 @@
 # SERVE_MAX_TOTAL_TOKENS).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
-# STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3),
+# STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3), TP_SIZE (1;
+# with MODEL_SHAPE=qwen3-8b on nvidia-h200-x2: PHASES="greedy serve"),
 # ALLOW_MISSES=1 (a load beyond the KV pool: radix misses are reported, not a failure).
 # CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
 # (adds --device cpu and the tests' CPU stand-ins).
@@ -68,6 +69,10 @@ if [ "$DEVICE" = cpu ]; then
   common+=(--device cpu --mem-fraction-static 0.3 --max-total-tokens 200000)
 else
   common+=(--mem-fraction-static "${MEM_FRACTION:-0.8}" --cuda-graph-max-bs-decode "${GRAPH_BS:-256}")
+fi
+if [ "${TP_SIZE:-1}" != 1 ]; then  # every server, stock and ours, over TP_SIZE GPUs (or CPU ranks)
+  common+=(--tp-size "$TP_SIZE")
+  [ "$DEVICE" = cpu ] && export SGLANG_CPU_OMP_THREADS_BIND=${SGLANG_CPU_OMP_THREADS_BIND:-0|1}
 fi
 tangram=(--kv-compression tangram --tangram-profile "$WORK/profile.yaml")
 # shellcheck disable=SC2206

@@ -2,7 +2,7 @@
 optionally the local tiny tokenizer (for servers that take text, e.g. SGLang frontend
 programs). No weights: SGLang initializes them randomly.
 
-    python bench/device/model_config.py OUT_DIR [--shape qwen3-4b|tiny] [--vocab N]
+    python bench/device/model_config.py OUT_DIR [--shape qwen3-4b|qwen3-8b|tiny] [--vocab N]
         [--dtype bfloat16|float32] [--tokenizer]
 """
 
@@ -39,6 +39,11 @@ QWEN3_4B = {  # Qwen3-4B's shape; weights are random (--load-format dummy)
     "bos_token_id": 151643,
     "eos_token_id": 151645,
 }
+QWEN3_8B = {  # Qwen3-8B's shape over Qwen3-4B's (tensor-parallel runs)
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "tie_word_embeddings": False,
+}
 TINY = {  # CPU dry runs of the device scripts only
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -56,10 +61,10 @@ TINY = {  # CPU dry runs of the device scripts only
 
 def model_config(shape: str, vocab: int | None, dtype: str | None) -> dict:
     config = dict(QWEN3_4B)
-    if shape == "tiny":
-        config.update(TINY)
-    elif shape != "qwen3-4b":
-        raise ValueError(f"--shape {shape!r}: one of qwen3-4b, tiny")
+    shapes = {"qwen3-4b": {}, "qwen3-8b": QWEN3_8B, "tiny": TINY}
+    if shape not in shapes:
+        raise ValueError(f"--shape {shape!r}: one of {', '.join(shapes)}")
+    config.update(shapes[shape])
     if vocab:
         config["vocab_size"] = vocab
     if dtype:

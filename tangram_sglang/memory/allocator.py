@@ -55,7 +55,7 @@ from tangram_sglang.memory.budget import (
     serving_workload,
     session_slots,
 )
-from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.layout import PoolLayout, agreed_pool_slots
 from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
 from tangram_sglang.memory.reservation import BudgetReservation
 from tangram_sglang.offline.profile import Profile
@@ -469,6 +469,8 @@ def build_tangram_pools(
     max_requests: int,
     max_context: int,
     workload: Workload | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> tuple[TangramKVPool, TangramAllocator]:
     """The pools for the KV bytes SGLang sized for `full_tokens` uncompressed tokens.
 
@@ -482,13 +484,17 @@ def build_tangram_pools(
     `req_to_slot` is `[G, max_requests + 1, width]` with width the smaller of
     `max_context` and the largest group: a row holds distinct slots of its group, so it
     never holds more than the group has (SGLang's context length is often far longer).
+    Under tensor parallelism each rank stores its own heads (`PoolLayout.shard`) with the
+    slot counts every rank can hold (`agreed_pool_slots`).
     """
-    layout = PoolLayout.from_profile(profile, ratio)
+    shards = [PoolLayout.from_profile(profile, ratio).shard(r, tp_size) for r in range(tp_size)]
+    layout = shards[tp_rank]
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = full_tokens * layout.full_token_bytes(nbytes)
     rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)
     shapes = (workload or serving_workload(max_context)).turn_shapes()
-    slots = layout.pool_slots(budget, session_slots(shapes, layout.ratios, rule), nbytes)
+    demand = session_slots(shapes, layout.ratios, rule)
+    slots = agreed_pool_slots(shards, budget, demand, nbytes)
     width = max(1, min(max_context, max(slots)))
     pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
     logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)

@@ -11,7 +11,7 @@ sum_l |heads[g][l]| * head_dim * 2 * dtype_bytes bytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tangram_sglang.offline.profile import Profile
 
@@ -41,6 +41,19 @@ class PoolLayout:
 
     def heads_in(self, group: int, layer: int) -> tuple[int, ...]:
         return self.heads[group][layer]
+
+    def shard(self, rank: int, tp_size: int) -> PoolLayout:
+        """The part of every group that tensor-parallel rank `rank` stores, its heads
+        renumbered from 0 as the rank's attention layers number them. Groups and ratios
+        stay global (a group may hold no head on some rank), so every rank reserves the
+        same slots per request."""
+        own = rank_heads(rank, self.num_kv_heads, tp_size)
+        local = {h: i for i, h in enumerate(own)}
+        heads = tuple(
+            tuple(tuple(local[h] for h in layer if h in local) for layer in group)
+            for group in self.heads
+        )
+        return replace(self, num_kv_heads=len(own), heads=heads)
 
     def locate(self, layer: int, head: int) -> tuple[int, int]:
         """(group, row within that group's layer buffer) of one kv head."""
@@ -91,6 +104,38 @@ class PoolLayout:
             g = max(range(len(slots)), key=lambda i: slots[i] * slot_bytes[i])
             slots[g] -= page_size
         return tuple(slots)
+
+
+def rank_heads(rank: int, num_kv_heads: int, tp_size: int) -> tuple[int, ...]:
+    """The model's kv heads that TP rank `rank` holds, split as SGLang's QKV projection
+    splits them: contiguous blocks, or one replicated head per rank when there are fewer
+    heads than ranks."""
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} is not in 0..{tp_size - 1}")
+    if num_kv_heads < tp_size:
+        if tp_size % num_kv_heads:
+            raise ValueError(f"--tp-size {tp_size} is not a multiple of {num_kv_heads} kv heads")
+        return (rank * num_kv_heads // tp_size,)
+    if num_kv_heads % tp_size:
+        raise ValueError(f"{num_kv_heads} kv heads do not split evenly over --tp-size {tp_size}")
+    per = num_kv_heads // tp_size
+    return tuple(range(rank * per, (rank + 1) * per))
+
+
+def agreed_pool_slots(
+    shards: Sequence[PoolLayout],
+    total_bytes: int,
+    demand: Sequence[float],
+    dtype_bytes: int,
+    page_size: int = 1,
+) -> tuple[int, ...]:
+    """Slots per group that every rank's pool can hold in `total_bytes`: the element-wise
+    least of each rank's `pool_slots`. SGLang schedules every TP rank from the same inputs
+    with no exchange, so admission must see the same capacities everywhere; each rank
+    computes them all from the profile. A rank whose heads are lighter leaves the rest of
+    its bytes unused (docs/architecture.md, "Tensor parallelism", has the figures)."""
+    per_rank = [s.pool_slots(total_bytes, demand, dtype_bytes, page_size) for s in shards]
+    return tuple(min(column) for column in zip(*per_rank, strict=True))
 
 
 def sessions_that_fit(slots: Sequence[int], per_session: Sequence[int]) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tangram_sglang.memory.budget import BudgetRule, Workload, session_slots
-from tangram_sglang.memory.layout import PoolLayout, sessions_that_fit
+from tangram_sglang.memory.layout import PoolLayout, agreed_pool_slots, sessions_that_fit
 from tangram_sglang.offline.profile import Profile
 
 
@@ -39,6 +39,7 @@ class CapacityPlan:
     rows: tuple[PlanRow, ...]
     groups: tuple[GroupSplit, ...]
     held_ratio: float  # memory share per compressed token (uniform's ratio in the rows)
+    rank_use: tuple[float, ...] = (1.0,)  # share of each TP rank's budget its pools use
 
 
 def _single_group_row(
@@ -69,21 +70,31 @@ def capacity_plan(
     dtype_bytes: int = 2,
     page_size: int = 1,
     target_ratio: float | None = None,
+    tp_size: int = 1,
 ) -> CapacityPlan:
+    """Sessions per layout in `kv_bytes` (per GPU: under tensor parallelism each rank
+    holds its share of the heads, and the group slots all ranks agree on)."""
     c = profile.calibration
     rule = BudgetRule(sink=c.sink, window=c.window, page_size=page_size)
-    layout = PoolLayout.from_profile(profile, target_ratio)
+    shards = [
+        PoolLayout.from_profile(profile, target_ratio).shard(r, tp_size) for r in range(tp_size)
+    ]
+    layout = shards[0]
     turns = workload.turn_shapes()
     ratio = target_ratio if target_ratio is not None else profile.held_ratio
     padded = max(layout.ratios)  # one paged pool reserves every head's budget for the largest
 
     demand = session_slots(turns, layout.ratios, rule)
-    slots = layout.pool_slots(kv_bytes, demand, dtype_bytes, page_size)
+    slots = agreed_pool_slots(shards, kv_bytes, demand, dtype_bytes, page_size)
+    rank_use = tuple(
+        sum((n + page_size) * s.slot_bytes(g, dtype_bytes) for g, n in enumerate(slots)) / kv_bytes
+        for s in shards
+    )
     groups = tuple(
         GroupSplit(
             g,
             layout.ratios[g],
-            sum(len(h) for h in layout.heads[g]),
+            sum(len(h) for s in shards for h in s.heads[g]),
             slots[g],
             slots[g] * layout.slot_bytes(g, dtype_bytes),
             demand[g],
@@ -101,7 +112,7 @@ def capacity_plan(
         ),
         PlanRow("tangram head groups", tangram_bytes, sessions_that_fit(slots, demand)),
     )
-    return CapacityPlan(rows, groups, ratio)
+    return CapacityPlan(rows, groups, ratio, rank_use)
 
 
 def format_plan(
@@ -136,4 +147,12 @@ def format_plan(
             f"{g.gid:<7}{g.ratio:>8.3f}{g.heads:>7}{g.slots:>12}{g.bytes / 2**20:>10.1f}"
             f"{g.slots_per_session:>15}"
         )
+    if len(plan.rank_use) > 1:
+        use = ", ".join(f"{u:.1%}" for u in plan.rank_use)
+        lines += [
+            "",
+            f"tensor parallel {len(plan.rank_use)}: per GPU (MiB of rank 0); every rank holds "
+            "these group slots, its pools using "
+            f"{use} of its KV budget (the heaviest rank's heads set the slots)",
+        ]
     return "\n".join(lines)
