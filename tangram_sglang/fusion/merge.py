@@ -105,7 +105,6 @@ def _merge_pair(sets: _Sets, left: list[int], right: list[int]) -> tuple[list[in
     score = torch.where(allowed, score / len(sets.thresholds), torch.full_like(score, -2.0))
     best, best_left = score.max(dim=1)
     order = sorted(range(len(right)), key=lambda r: (-float(best[r]), r))
-    kept_right = []
     merged = set()
     for r in order:
         if float(best[r]) > -2.0 and sets.accepts(left[int(best_left[r])], right[r]):
