@@ -231,7 +231,30 @@ def test_triton_path_matches_torch_path_and_reference(gqa, dtype, kv_dtype, pois
     torch.manual_seed(seed)
     hkv = 4 if gqa == 1 else 2
     scales = (random.uniform(0.3, 3.0), random.uniform(0.3, 3.0)) if kv_dtype else (1.0, 1.0)
-    pair = Pair(random_layout(hkv), hkv * gqa, dtype, seed, kv_dtype, scales)
+    two_turns(Pair(random_layout(hkv), hkv * gqa, dtype, seed, kv_dtype, scales), seed)
+
+
+def test_triton_path_on_a_tensor_parallel_rank_holding_no_head_of_a_group(poisoned_outputs):
+    """TP rank 1's shard of a layout whose group 0 lives on rank 0 only: the group keeps
+    its slots and has no storage (tangram's TP pools, docs/architecture.md)."""
+    seed = random.SystemRandom().randrange(2**31)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    full = random_layout(4)
+    heads = [[list(h) for h in g] for g in full.heads]
+    for layer in range(LAYERS):  # move rank 1's heads (2, 3) out of group 0
+        moved = [h for h in heads[0][layer] if h >= 2]
+        heads[0][layer] = [h for h in heads[0][layer] if h < 2]
+        heads[1][layer] = sorted(heads[1][layer] + moved)
+    groups = tuple(tuple(tuple(h) for h in g) for g in heads)
+    shard = dataclasses.replace(full, heads=groups).shard(1, 2)
+    assert not any(shard.heads[0]), f"seed {seed}: group 0 holds {shard.heads[0]} on rank 1"
+    two_turns(Pair(shard, 2 * 2, torch.float32, seed, None, (1.0, 1.0)), seed)
+
+
+def two_turns(pair: Pair, seed: int) -> None:
+    """Compressed and plain extends, decodes, and a second turn on cut histories: both
+    paths against each other and the reference at every step (`Pair` checks)."""
     none = torch.empty(0, dtype=torch.long)
     # Turn 1: compressed segments around a short uncompressed one and a single token.
     short = RULE.sink + RULE.window
