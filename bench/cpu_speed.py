@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,18 +78,35 @@ def stream_load(server, history: list[int], new_tokens: int, repeats: int) -> fl
     return statistics.median(per_token)
 
 
-def sglang_bench_serving(server, model: Path, requests: int, output: int, work: Path) -> dict:
-    """SGLang's `benchmark.serving` on its generated-shared-prefix dataset: output tok/s,
-    mean TTFT and TPOT (ms)."""
-    flush(server.url)
+def sglang_bench_serving(
+    url: str,
+    model: Path,
+    work: Path,
+    prompts: int,
+    output: int,
+    *,
+    groups: int = 2,
+    system: int = 512,
+    question: int = 64,
+    extra: Sequence[str] = (),
+) -> dict:
+    """SGLang's `benchmark.serving` on its generated-shared-prefix dataset: `prompts` split
+    evenly over `groups` system prompts of `system` tokens, each with its own `question`
+    tokens, `output` new tokens; `extra` flags (e.g. `--max-concurrency`) as given. Returns
+    its output tok/s, TTFT and TPOT (ms), the prompt tokens its client found cached
+    (`--cache-report`), the mean requests it had in flight, and the command."""
+    flush(url)
     result = work / f"bench-serving-{time.monotonic_ns()}.jsonl"
+    flags = [
+        "--backend", "sglang", "--seed", "0", "--dataset-name", "generated-shared-prefix",
+        "--gsp-num-groups", str(groups), "--gsp-prompts-per-group", str(prompts // groups),
+        "--gsp-system-prompt-len", str(system), "--gsp-question-len", str(question),
+        "--gsp-output-len", str(output), "--num-prompts", str(prompts), "--cache-report",
+        "--disable-tqdm", *extra,
+    ]  # fmt: skip
     cmd = [
-        sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
-        "--base-url", server.url, "--tokenizer", str(model), "--seed", "0",
-        "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
-        "--gsp-prompts-per-group", str(requests // 2), "--gsp-system-prompt-len", "512",
-        "--gsp-question-len", "64", "--gsp-output-len", str(output),
-        "--num-prompts", str(requests), "--output-file", str(result), "--disable-tqdm",
+        sys.executable, "-m", "sglang.benchmark.serving", *flags,
+        "--base-url", url, "--tokenizer", str(model), "--output-file", str(result),
     ]  # fmt: skip
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(SHIMS), os.environ.get("PYTHONPATH", "")])
@@ -97,7 +115,18 @@ def sglang_bench_serving(server, model: Path, requests: int, output: int, work: 
     if done.returncode or not result.exists():
         raise RuntimeError(f"sglang.benchmark.serving failed:\n{done.stderr[-2000:]}")
     data = json.loads(result.read_text().splitlines()[-1])
-    return {k: round(data[k], 2) for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")}
+    keys = (
+        "output_throughput", "request_throughput", "duration", "mean_ttft_ms", "median_ttft_ms",
+        "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "total_input_tokens",
+        "total_output_tokens", "concurrency",
+    )  # fmt: skip
+    cache = data.get("cache_report") or {}
+    return {
+        **{k: round(data[k], 2) for k in keys if data.get(k) is not None},
+        "cached_tokens": cache.get("total_cached_tokens"),
+        "cache_hit_rate_pct": cache.get("cache_hit_rate_pct"),
+        "command": "python -m sglang.benchmark.serving " + " ".join(flags),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     stream_load(server, history, args.decode, args.repeats), 2
                 ),
                 "sglang_bench_serving": sglang_bench_serving(
-                    server, model, args.requests, args.output, work
+                    server.url, model, work, args.requests, args.output
                 ),
             }
         print(name, rows[name], flush=True)

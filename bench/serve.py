@@ -27,7 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,10 +156,11 @@ def run_sessions(url: str, sessions: list[workloads.Session], concurrency: int, 
         time.sleep(max(0.0, start + s.arrival_s - time.perf_counter()))
         with slots:
             history: list[int] = []
+            sent = 0.0
             for t, turn in enumerate(s.turns):
                 if t:
-                    time.sleep(s.think_s[t - 1])
-                prompt = history + turn.new_ids
+                    time.sleep(max(s.think_s[t - 1], sent + s.gap_s - time.perf_counter()))
+                prompt, sent = history + turn.new_ids, time.perf_counter()
                 out, meta, ttft, itl = stream_generate(url, prompt, turn.max_tokens)
                 record = TurnRecord(
                     s.session_id, t, len(prompt), len(turn.new_ids),
@@ -293,19 +296,15 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(record: dict) -> str:
+def sweep_table(runs: dict[str, dict]) -> list[str]:
+    """One Markdown row per configuration and concurrency level."""
     lines = [
-        f"# Serving benchmark, {record['summary']['date']}",
-        "",
-        f"Device: {record['summary']['device']}; model {record['summary']['model']}; "
-        f"workload {record['workload']}. Command: `{record['command']}`",
-        "",
         "| config | sessions in flight | output tok/s | req/s | TTFT p50 / p99 ms "
         "| ITL p50 / p99 ms | cached / prompt tokens | re-prefilled | sessions held "
         "| most running (queued) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, run in record["runs"].items():
+    for name, run in runs.items():
         for r in run["sweep"]:
             lines.append(
                 f"| {name} | {r['concurrency']} | {r['output_tok_s']} | {r['request_throughput']} "
@@ -315,6 +314,18 @@ def markdown(record: dict) -> str:
                 f"| {r['sessions_held']} / {r['sessions']} "
                 f"| {r['max_running_requests']} ({r['max_running_while_queued']}) |"
             )
+    return lines
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# Serving benchmark, {record['summary']['date']}",
+        "",
+        f"Device: {record['summary']['device']}; model {record['summary']['model']}; "
+        f"workload {record['workload']}. Command: `{record['command']}`",
+        "",
+        *sweep_table(record["runs"]),
+    ]
     lines += ["", "Summary (highest concurrency):", "", "```json",
               json.dumps(record["summary"], indent=1), "```", ""]  # fmt: skip
     return "\n".join(lines)
@@ -332,6 +343,79 @@ def model_dir(name: str, work: Path) -> Path:
     return Path(name)
 
 
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """The options of every session client here: configurations, model, pool, output."""
+    ap.add_argument("--configs", default="stock,uniform-0.25,tangram-0.25")
+    ap.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
+    ap.add_argument("--profile", help="tangram profile (default: the model's shipped one)")
+    ap.add_argument("--max-total-tokens", type=int, default=8192, help="stock's KV pool")
+    ap.add_argument("--server-args", default="", help="extra flags for every server")
+    ap.add_argument("--url", help="drive this running server (one configuration)")
+    ap.add_argument("--name", default="server", help="the configuration --url serves")
+    ap.add_argument("--device", default="CPU (2 cores)", help="recorded in the results")
+    ap.add_argument("--out", help="writes OUT.json, OUT.md, OUT.png")
+
+
+def model_and_vocab(args: argparse.Namespace, work: Path) -> tuple[Path, int]:
+    """The model folder (built here unless --url serves it) and the token ids to draw."""
+    model = model_dir(args.model, work) if not args.url else Path(args.model)
+    vocab = 1024
+    if (model / "config.json").is_file():
+        vocab = min(json.loads((model / "config.json").read_text())["vocab_size"], 49152)
+    return model, vocab
+
+
+def profile_path(args: argparse.Namespace) -> Path:
+    return Path(args.profile) if args.profile else PROFILES.get(args.model, PROFILES["tiny"])
+
+
+def server_flags(args: argparse.Namespace, running: int) -> list[str]:
+    """Flags every configuration gets: the pool (`--max-total-tokens`), the extra server
+    flags and room for `running` requests."""
+    return [
+        "--max-total-tokens", str(args.max_total_tokens), *args.server_args.split(),
+        "--max-running-requests", str(running),
+    ]  # fmt: skip
+
+
+def config_names(args: argparse.Namespace) -> list[str]:
+    return [args.name] if args.url else args.configs.split(",")
+
+
+@contextmanager
+def serving(
+    args: argparse.Namespace, name: str, model: Path, running: int, logs: Path
+) -> Iterator[str]:
+    """The URL of configuration `name` for the block: --url's server, or one started here
+    (logs under `logs`) with `server_flags` (room for `running` requests)."""
+    if args.url:
+        yield args.url
+        return
+    launch = config_launch(name, profile_path(args), server_flags(args, running))
+    with running_servers(model, logs, {name: launch}) as servers:
+        yield servers[name].url
+
+
+def run_configs(
+    args: argparse.Namespace, model: Path, sessions: list[workloads.Session], levels: list[int]
+) -> dict[str, dict]:
+    """Each configuration driven through `sessions` at every level: the server at --url, or
+    each of --configs started in turn (one server at a time: they share the CPU)."""
+    logs = Path(tempfile.mkdtemp(prefix="serve-")) / "logs"
+    runs: dict[str, dict] = {}
+    for name in config_names(args):
+        with serving(args, name, model, max(levels) + 8, logs) as url:
+            runs[name] = drive(url, sessions, levels, name)
+        print(f"{name}: " + ", ".join(
+            f"c{r['concurrency']} {r['output_tok_s']} tok/s" for r in runs[name]["sweep"]
+        ), flush=True)  # fmt: skip
+    return runs
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    return " ".join([f"python {script}", *(argv if argv is not None else sys.argv[1:])])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="shared-context", help="a kind or a JSONL file")
@@ -340,20 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0)
     ap.add_argument("--think", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default="stock,uniform-0.25,tangram-0.25")
     ap.add_argument("--concurrency", default="4,16", help="sessions in flight, comma list")
-    ap.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
-    ap.add_argument("--profile", help="tangram profile (default: the model's shipped one)")
-    ap.add_argument("--max-total-tokens", type=int, default=8192, help="stock's KV pool")
-    ap.add_argument("--server-args", default="", help="extra flags for every server")
-    ap.add_argument("--url", help="drive this running server (one configuration)")
-    ap.add_argument("--name", default="server", help="the configuration --url serves")
+    add_server_options(ap)
     ap.add_argument(
         "--merge", nargs="+", help="combine these OUT.json runs (one configuration each)"
     )
     ap.add_argument("--flags", metavar="CONFIG", help="print a configuration's server flags")
-    ap.add_argument("--device", default="CPU (2 cores)", help="recorded in the results")
-    ap.add_argument("--out", help="writes OUT.json, OUT.md, OUT.png")
     args = ap.parse_args(argv)
     if not args.flags and not args.out:
         ap.error("--out is required")
@@ -362,11 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.merge:
         return write(merged(args.merge), Path(args.out), args)
-    work = Path(tempfile.mkdtemp(prefix="serve-"))
-    model = model_dir(args.model, work) if not args.url else Path(args.model)
-    vocab = 1024
-    if (model / "config.json").is_file():
-        vocab = min(json.loads((model / "config.json").read_text())["vocab_size"], 49152)
+    model, vocab = model_and_vocab(args, Path(tempfile.mkdtemp(prefix="serve-")))
     if Path(args.workload).is_file():
         sessions = workloads.load(args.workload)
     else:
@@ -374,26 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             args.workload, args.sessions, args.seed, args.scale, args.rate, args.think, vocab
         )
     levels = [int(c) for c in args.concurrency.split(",")]
-    profile = Path(args.profile) if args.profile else PROFILES.get(args.model, PROFILES["tiny"])
-    names = [args.name] if args.url else args.configs.split(",")
-    runs: dict[str, dict] = {}
-    for name in names:
-        if args.url:
-            runs[name] = drive(args.url, sessions, levels, name)
-            continue
-        extra = ["--max-total-tokens", str(args.max_total_tokens), *args.server_args.split()]
-        launch = config_launch(
-            name, profile, [*extra, "--max-running-requests", str(max(levels) + 8)]
-        )
-        with running_servers(model, work / "logs", {name: launch}) as servers:
-            runs[name] = drive(servers[name].url, sessions, levels, name)
-        print(f"{name}: " + ", ".join(
-            f"c{r['concurrency']} {r['output_tok_s']} tok/s" for r in runs[name]["sweep"]
-        ), flush=True)  # fmt: skip
     record = {
-        "command": " ".join(
-            ["python bench/serve.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line("bench/serve.py", argv),
         "workload": {
             "kind": args.workload,
             "sessions": len(sessions),
@@ -402,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_prompt_tokens": sum(len(t.new_ids) for s in sessions for t in s.turns),
             "max_total_tokens": None if args.url else args.max_total_tokens,
         },  # fmt: skip
-        "runs": runs,
+        "runs": run_configs(args, model, sessions, levels),
     }
     return write(record, Path(args.out), args)
 

@@ -40,11 +40,16 @@ class Turn:
 
 @dataclass
 class Session:
+    """One session's turns; a follow-up turn is sent `think_s` after the previous answer
+    and no sooner than `gap_s` after the previous send (a paced user, as LMCache's
+    multi-round QA sends one per user every `users / qps` seconds)."""
+
     session_id: int
     kind: str
     arrival_s: float
     think_s: list[float]
     turns: list[Turn] = field(default_factory=list)
+    gap_s: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,9 +1,12 @@
-"""The serving benchmark's workloads (`bench/workloads.py`) and a smoke run of its driver
-(`bench/serve.py`) against the real CPU server: results, the summary keys and the plots
-are produced. No speed is asserted (speed lives in bench/results/)."""
+"""The serving benchmark's workloads (`bench/workloads.py`), a smoke run of its driver
+(`bench/serve.py`) and of the peer clients (`bench/multiround.py`, LMCache's multi-round
+QA shape; `bench/peers.py`, SGLang's own `benchmark.serving` beside it) against the real
+CPU server: results, the summary keys and the plots are produced. No speed is asserted
+(speed lives in bench/results/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -12,8 +15,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import multiround  # noqa: E402
+import peers  # noqa: E402
 import serve  # noqa: E402
 import workloads  # noqa: E402
+
+from tangram_sglang.cpu.server import running_servers  # noqa: E402
 
 SUMMARY_KEYS = {
     "throughput_ratio_tangram_vs_stock_25pct",
@@ -84,3 +91,74 @@ def test_driver_records_results_summary_and_plots(tmp_path):
     assert record["runs"]["tangram-0.25"]["pool"]["free_slots"] is not None
     assert Path(f"{out}.png").stat().st_size > 10_000
     assert "| tangram-0.25 | 3 |" in Path(f"{out}.md").read_text()
+
+
+def test_multiround_sessions_have_lmcaches_shape():
+    shape = multiround.PUBLISHED.scaled(0.1)
+    lengths = (shape.shared_system_prompt, shape.user_history_prompt, shape.answer_len)
+    assert lengths == (100, 200, 10), "lengths are LMCache's times --scale"
+    assert (shape.num_users, shape.num_rounds, shape.qps) == (10, 5, 0.5), "counts stay"
+    sessions = shape.sessions(seed=random.randrange(2**31), vocab=1000)
+    system = sessions[0].turns[0].new_ids[:100]
+    for user, s in enumerate(sessions):
+        first = s.turns[0].new_ids
+        assert len(first) == 100 + 200 + shape.question_len and first[:100] == system
+        assert first[100:300] != sessions[(user + 1) % 10].turns[0].new_ids[100:300]
+        assert [len(t.new_ids) for t in s.turns[1:]] == [shape.question_len] * 4
+        assert {t.max_tokens for t in s.turns} == {10}
+        assert s.arrival_s == user / 0.5 and s.gap_s == 10 / 0.5 and s.think_s == [0.0] * 4
+
+
+@pytest.fixture(scope="module")
+def tangram_server(model_dir, tmp_path_factory):
+    """One tiny-model server at `tangram-0.25` for the peer clients (bench/serve.py's flags)."""
+    launch = serve.config_launch(
+        "tangram-0.25", serve.PROFILES["tiny"], ["--max-running-requests", "16"]
+    )
+    logs = tmp_path_factory.mktemp("logs")
+    with running_servers(model_dir, logs, {"tangram-0.25": launch}) as servers:
+        yield servers["tangram-0.25"]
+
+
+@pytest.mark.server
+def test_multiround_client_records_every_parameter_and_its_runs(
+    tangram_server, model_dir, tmp_path
+):
+    out = tmp_path / "multiround"
+    workload = ["--scale", "0.1", "--num-users", "3", "--num-rounds", "3", "--qps", "30"]
+    multiround.main(
+        [*workload, "--url", tangram_server.url, "--name", "tangram-0.25",
+         "--model", str(model_dir), "--out", str(out)]
+    )  # fmt: skip
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert set(dataclasses.asdict(multiround.PUBLISHED)) <= set(record["workload"])
+    assert "LMCache" in record["workload"]["source"] and record["workload"]["scale"] == 0.1
+    (run,) = record["runs"]["tangram-0.25"]["sweep"]
+    assert run["requests"] == 9 == record["workload"]["turns"], run
+    assert run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["p50"] > 0, run
+    assert run["cached_share_per_turn"][1] > 0.5, "follow-up rounds missed the cache"
+    markdown = Path(f"{out}.md").read_text()
+    assert "| tangram-0.25 | 3 |" in markdown and "multi-round-qa" in markdown
+
+
+@pytest.mark.server
+def test_peer_clients_record_sglangs_client_and_the_multiround_one(
+    tangram_server, model_dir, tmp_path
+):
+    out = tmp_path / "peers"
+    peers.main(
+        ["--gsp-groups", "2", "--gsp-prompts-per-group", "2", "--gsp-system", "64",
+         "--gsp-question", "8", "--gsp-output", "8", "--gsp-max-concurrency", "2",
+         "--scale", "0.05", "--num-users", "2", "--num-rounds", "2", "--qps", "30",
+         "--url", tangram_server.url, "--name", "tangram-0.25", "--model", str(model_dir),
+         "--out", str(out)]
+    )  # fmt: skip
+    record = json.loads(Path(f"{out}.json").read_text())
+    gsp = record["sglang_gsp"]["runs"]["tangram-0.25"]
+    assert gsp["output_throughput"] > 0 and gsp["total_output_tokens"] == 4 * 8, gsp
+    assert 0 < gsp["cached_tokens"] < gsp["total_input_tokens"], "no shared prefix was reused"
+    assert "--dataset-name generated-shared-prefix" in record["sglang_gsp"]["command"]
+    (run,) = record["multiround"]["runs"]["tangram-0.25"]["sweep"]
+    assert run["requests"] == 4, run
+    markdown = Path(f"{out}.md").read_text()
+    assert "## (1) SGLang" in markdown and "| tangram-0.25 | 2 |" in markdown
