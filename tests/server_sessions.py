@@ -205,3 +205,12 @@ def run_conversation(server, seed: int) -> dict:
         "held": held,
         "flushed": pool_state(server),
     }
+
+
+def assert_same_transcript(ours: dict, stock: dict, what: str, seed: int) -> None:
+    """Greedy outputs, turn by turn and by chat, and the cached prefix of turn 2 equal."""
+    for key in ("prompts", "turns", "chat"):
+        assert ours[key] == stock[key], (
+            f"{what} changed the {key} output (seed {seed}):\nstock {stock[key]}\nours  {ours[key]}"
+        )
+    assert ours["turn2_cached"] == stock["turn2_cached"], f"{what}, seed {seed}"

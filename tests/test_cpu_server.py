@@ -25,6 +25,7 @@ from server_sessions import (
     CHUNK,
     NEW_TOKENS,
     SYSTEM,
+    assert_same_transcript,
     compressed_launches,
     run_conversation,
     transcript,
@@ -57,22 +58,14 @@ def transcripts(model_dir, tmp_path_factory):
     return seed, work, stock, plugin, uniform, conversation
 
 
-def _assert_stock_tokens(flags: str, result: dict, stock: dict, seed: int) -> None:
-    for key in ("prompts", "turns", "chat"):
-        assert result[key] == stock[key], (
-            f"{flags} changed the {key} output (workload seed {seed}):\n"
-            f"stock {stock[key]}\nours  {result[key]}"
-        )
-
-
 def test_plugin_with_compression_none_gives_stock_greedy_tokens(transcripts):
     seed, _, stock, plugin, _, _ = transcripts
-    _assert_stock_tokens("--kv-compression none", plugin, stock, seed)
+    assert_same_transcript(plugin, stock, "--kv-compression none", seed)
 
 
 def test_uniform_compression_at_ratio_one_gives_stock_greedy_tokens(transcripts):
     seed, _, stock, _, uniform, _ = transcripts
-    _assert_stock_tokens("--kv-compression uniform --tangram-ratio 1.0", uniform, stock, seed)
+    assert_same_transcript(uniform, stock, "--kv-compression uniform --tangram-ratio 1.0", seed)
 
 
 def test_second_turn_reuses_first_turn_from_radix_cache(transcripts):

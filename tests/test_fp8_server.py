@@ -15,6 +15,7 @@ import random
 import pytest
 from server_sessions import (
     NEW_TOKENS,
+    assert_same_transcript,
     compressed_launches,
     run_conversation,
     transcript,
@@ -44,12 +45,7 @@ def fp8_runs(model_dir, tmp_path_factory):
 
 def test_fp8_pools_at_ratio_one_give_stock_fp8_greedy_tokens(fp8_runs):
     seed, stock, uniform, _ = fp8_runs
-    for key in ("prompts", "turns", "chat"):
-        assert uniform[key] == stock[key], (
-            f"uniform 1.0 + FP8 changed the {key} output of stock + FP8 (seed {seed}):\n"
-            f"stock {stock[key]}\nours  {uniform[key]}"
-        )
-    assert uniform["turn2_cached"] == stock["turn2_cached"], f"seed {seed}"
+    assert_same_transcript(uniform, stock, "uniform 1.0 + FP8 against stock + FP8", seed)
 
 
 def test_fp8_compressed_conversation_reuses_its_turns_and_flush_returns_every_pool(fp8_runs):

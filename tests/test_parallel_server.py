@@ -25,6 +25,7 @@ import requests
 from server_sessions import (
     NEW_TOKENS,
     SHIPPED_PROFILE,
+    assert_same_transcript,
     compressed_launches,
     flush_when_idle,
     run_conversation,
@@ -100,12 +101,7 @@ def tp_runs(model_dir, tmp_path_factory):
 
 def test_sharded_pools_at_ratio_one_give_stock_tp2_greedy_tokens(tp_runs):
     seed, stock, ours, *_ = tp_runs
-    for key in ("prompts", "turns", "chat"):
-        assert ours[key] == stock[key], (
-            f"tangram 1.0 TP=2 changed the {key} output of stock TP=2 (seed {seed}):\n"
-            f"stock {stock[key]}\nours  {ours[key]}"
-        )
-    assert ours["turn2_cached"] == stock["turn2_cached"], f"seed {seed}"
+    assert_same_transcript(ours, stock, "tangram 1.0 TP=2 against stock TP=2", seed)
 
 
 def test_tp2_conversation_reuses_compressed_turns_and_ranks_agree(tp_runs):
