@@ -487,7 +487,7 @@ def build_tangram_pools(
     Under tensor parallelism each rank stores its own heads (`PoolLayout.shard`) with the
     slot counts every rank can hold (`agreed_pool_slots`).
     """
-    shards = [PoolLayout.from_profile(profile, ratio).shard(r, tp_size) for r in range(tp_size)]
+    shards = PoolLayout.from_profile(profile, ratio).shards(tp_size)
     layout = shards[tp_rank]
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = full_tokens * layout.full_token_bytes(nbytes)

@@ -42,6 +42,10 @@ class PoolLayout:
     def heads_in(self, group: int, layer: int) -> tuple[int, ...]:
         return self.heads[group][layer]
 
+    def shards(self, tp_size: int) -> tuple[PoolLayout, ...]:
+        """Every tensor-parallel rank's `shard`, in rank order."""
+        return tuple(self.shard(rank, tp_size) for rank in range(tp_size))
+
     def shard(self, rank: int, tp_size: int) -> PoolLayout:
         """The part of every group that tensor-parallel rank `rank` stores, its heads
         renumbered from 0 as the rank's attention layers number them. Groups and ratios

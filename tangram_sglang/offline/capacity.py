@@ -76,9 +76,7 @@ def capacity_plan(
     holds its share of the heads, and the group slots all ranks agree on)."""
     c = profile.calibration
     rule = BudgetRule(sink=c.sink, window=c.window, page_size=page_size)
-    shards = [
-        PoolLayout.from_profile(profile, target_ratio).shard(r, tp_size) for r in range(tp_size)
-    ]
+    shards = PoolLayout.from_profile(profile, target_ratio).shards(tp_size)
     layout = shards[0]
     turns = workload.turn_shapes()
     ratio = target_ratio if target_ratio is not None else profile.held_ratio
