@@ -49,6 +49,7 @@ PROFILES = {
     "smollm2": ROOT / "profiles" / "smollm2-135m-instruct.headkv.yaml",
 }
 PERCENTILES = (50, 90, 99)
+CPU_KV_BYTES = 4  # the CPU servers run fp32 (tangram_sglang/cpu/server.py)
 
 
 def config_args(name: str, profile: Path) -> tuple[list[str], bool]:
@@ -348,7 +349,12 @@ def add_server_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--configs", default="stock,uniform-0.25,tangram-0.25")
     ap.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
     ap.add_argument("--profile", help="tangram profile (default: the model's shipped one)")
-    ap.add_argument("--max-total-tokens", type=int, default=8192, help="stock's KV pool")
+    ap.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=8192,
+        help="stock's KV pool in tokens; FP8 configurations get the same bytes",
+    )
     ap.add_argument("--server-args", default="", help="extra flags for every server")
     ap.add_argument("--url", help="drive this running server (one configuration)")
     ap.add_argument("--name", default="server", help="the configuration --url serves")
@@ -369,11 +375,19 @@ def profile_path(args: argparse.Namespace) -> Path:
     return Path(args.profile) if args.profile else PROFILES.get(args.model, PROFILES["tiny"])
 
 
-def server_flags(args: argparse.Namespace, running: int) -> list[str]:
-    """Flags every configuration gets: the pool (`--max-total-tokens`), the extra server
-    flags and room for `running` requests."""
+def pool_tokens(name: str, max_total_tokens: int, model_kv_bytes: int) -> int:
+    """`--max-total-tokens` of a configuration at the same KV bytes as stock's pool of
+    `max_total_tokens` tokens at `model_kv_bytes` per element: an FP8 pool (one byte) holds
+    `model_kv_bytes` times the tokens (SGLang counts the flag in tokens, not bytes)."""
+    return max_total_tokens * model_kv_bytes if name.endswith("-fp8") else max_total_tokens
+
+
+def server_flags(args: argparse.Namespace, name: str, running: int) -> list[str]:
+    """Flags every configuration gets: the pool (`--max-total-tokens`, the same bytes for
+    every configuration), the extra server flags and room for `running` requests."""
+    tokens = pool_tokens(name, args.max_total_tokens, CPU_KV_BYTES)
     return [
-        "--max-total-tokens", str(args.max_total_tokens), *args.server_args.split(),
+        "--max-total-tokens", str(tokens), *args.server_args.split(),
         "--max-running-requests", str(running),
     ]  # fmt: skip
 
@@ -391,7 +405,7 @@ def serving(
     if args.url:
         yield args.url
         return
-    launch = config_launch(name, profile_path(args), server_flags(args, running))
+    launch = config_launch(name, profile_path(args), server_flags(args, name, running))
     with running_servers(model, logs, {name: launch}) as servers:
         yield servers[name].url
 

@@ -122,8 +122,11 @@ def unsupported(args: Any) -> list[str]:
             f"block-scaled KV (--kv-cache-dtype {args.kv_cache_dtype}; the head-group pools "
             f"store {', '.join(KV_CACHE_DTYPES[1:])})"
         )
-    if getattr(args, "tangram_kernels", None) == "flashinfer" and "fp8" in str(args.kv_cache_dtype):
-        found.append("FP8 KV with --tangram-kernels flashinfer (the Triton kernels read FP8)")
+    if getattr(args, "tangram_kernels", None) == "flashinfer":
+        if "fp8" in str(args.kv_cache_dtype):
+            found.append("FP8 KV with --tangram-kernels flashinfer (the Triton kernels read FP8)")
+        if args.dtype in ("float32", "float"):
+            found.append("--dtype float32 with --tangram-kernels flashinfer (no fp32 FlashInfer)")
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
     if args.enable_dp_attention:

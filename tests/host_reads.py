@@ -239,9 +239,12 @@ class SyncCounter(_Watch):
             if _data_sized_or_read(packet, args):
                 self._record("read")
             written = args[0] if packet in WRITING_OPS and args else None
+            # 0-dim host values (a Python scalar) travel as kernel arguments, no copy, except
+            # into index_put_ (`x[index] = 0`), which copies its value to the device first
+            # (seen on the H100 under sync debug mode).
+            scalar_ok = packet not in (aten.index_put_, aten._index_put_impl_)
             if self.on_device(written) and any(
-                # 0-dim host values (a Python scalar) travel as kernel arguments: no copy.
-                not self.on_device(t) and t.dim() > 0 and t.numel()
+                not self.on_device(t) and (t.dim() > 0 or not scalar_ok) and t.numel()
                 for t in inputs[1:]
                 if t.dtype != torch.bool
             ):

@@ -6,6 +6,7 @@ CPU server: results, the summary keys and the plots are produced. No speed is as
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import random
@@ -69,6 +70,24 @@ def test_unknown_configuration_is_named():
         "--kv-cache-dtype",
         "fp8_e4m3",
     ]
+
+
+def test_fp8_configurations_get_stocks_pool_bytes():
+    """`--max-total-tokens` counts tokens: an FP8 pool gets the tokens of the same bytes."""
+    ap = argparse.ArgumentParser()
+    serve.add_server_options(ap)
+    args = ap.parse_args(["--max-total-tokens", "6000"])
+    flags = {
+        name: serve.server_flags(args, name, 8)
+        for name in ("stock", "stock-fp8", "tangram-0.25", "tangram-0.25-fp8")
+    }
+    tokens = {name: int(f[f.index("--max-total-tokens") + 1]) for name, f in flags.items()}
+    assert tokens == {
+        "stock": 6000,
+        "stock-fp8": 6000 * serve.CPU_KV_BYTES,
+        "tangram-0.25": 6000,
+        "tangram-0.25-fp8": 6000 * serve.CPU_KV_BYTES,
+    }
 
 
 @pytest.mark.server

@@ -156,6 +156,11 @@ BAD_INPUTS = [
         "does not support: FP8 KV with --tangram-kernels flashinfer",
     ),
     (
+        "flashinfer-fp32",
+        ["--tangram-kernels", "flashinfer", "--dtype", "float32"],
+        "does not support: --dtype float32 with --tangram-kernels flashinfer",
+    ),
+    (
         "speculative",
         ["--speculative-algorithm", "EAGLE"],
         "does not support: speculative decoding (--speculative-algorithm EAGLE)",

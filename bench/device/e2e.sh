@@ -15,14 +15,15 @@
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
 # "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
-# stock + FP8 KV, tangram 0.25 and tangram 0.25 + FP8 KV; "serve" runs bench/serve.py
+# tangram 0.25, tangram 0.25 + FP8 KV and stock + FP8 KV; "serve" runs bench/serve.py
 # (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY,
 # SERVE_MAX_TOTAL_TOKENS).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3), TP_SIZE (1;
 # with MODEL_SHAPE=qwen3-8b on nvidia-h200-x2: PHASES="greedy serve"),
-# ALLOW_MISSES=1 (a load beyond the KV pool: radix misses are reported, not a failure).
+# ALLOW_MISSES=1 (a load beyond the KV pool: radix misses are reported, not a failure),
+# PACK_CACHE=1 (return the JIT caches as \$OUT/jit-cache*.tar.xz, see pack_cache.sh).
 # CPU dry runs of this script: DEVICE=cpu MODEL_SHAPE=tiny STOCK_BACKEND=torch_native
 # (adds --device cpu and the tests' CPU stand-ins).
 set -uo pipefail
@@ -165,7 +166,9 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase"
   case $phase in
     gputests)  # compiled: real CUDA-graph capture/replay of the backend, kernels vs reference
-      timeout "${GPUTEST_TIMEOUT_S:-200}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+      left=$((START + BUDGET_S - 30 - $(date +%s)))
+      lim=${GPUTEST_TIMEOUT_S:-200}; [ "$left" -lt "$lim" ] && lim=$left
+      timeout "$((lim > 1 ? lim : 1))" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$REPO/tests/test_cuda_graph_decode.py" "$REPO/tests/test_backend_kernels.py" \
         "$REPO/tests/test_kernels.py::test_kernels_read_fp8_storage_with_the_layers_scales" \
         > "$OUT/gputests.log" 2>&1
@@ -203,15 +206,16 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       sessions tangram-r1.0 sessions-parity-tangram-1.0.json "${tangram[@]}" --tangram-ratio 1.0; r3=$rc
       sessions tangram-r0.25 sessions-parity-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25
       rc=$(worst "$r1" "$r2" "$r3" "$rc") ;;
-    fp8)  # --kv-cache-dtype fp8_e4m3: stock + FP8, tangram 0.25 alone and + FP8 (size the
-      # load beyond the pools with MEM_FRACTION, FIRST_TOKENS and ALLOW_MISSES=1)
+    fp8)  # --kv-cache-dtype fp8_e4m3: tangram 0.25 alone and + FP8 KV (the target pair,
+      # first), then stock + FP8 (size the load beyond the pools with MEM_FRACTION,
+      # FIRST_TOKENS and ALLOW_MISSES=1)
+      sessions tangram-r0.25-bf16 sessions-fp8-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25; r1=$rc
+      sessions tangram-r0.25-fp8 sessions-fp8-tangram-0.25-fp8.json "${tangram[@]}" \
+        --tangram-ratio 0.25 --kv-cache-dtype fp8_e4m3; r2=$rc
       SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
       sessions stock-fp8 sessions-fp8-stock.json --attention-backend "${STOCK_BACKEND:-triton}" \
-        --kv-cache-dtype fp8_e4m3; r1=$rc
+        --kv-cache-dtype fp8_e4m3
       SERVER_ENV=()
-      sessions tangram-r0.25-bf16 sessions-fp8-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25; r2=$rc
-      sessions tangram-r0.25-fp8 sessions-fp8-tangram-0.25-fp8.json "${tangram[@]}" \
-        --tangram-ratio 0.25 --kv-cache-dtype fp8_e4m3
       rc=$(worst "$r1" "$r2" "$rc") ;;
     serve)  # bench/serve.py against each of SERVE_CONFIGS in turn, then one merged record
       rc=0; parts=()
@@ -222,7 +226,11 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
         # shellcheck disable=SC2206
         flags=($flags)
         # A pool small enough that stock must evict (every configuration the same bytes)
-        [ -n "${SERVE_MAX_TOTAL_TOKENS:-}" ] && flags+=(--max-total-tokens "$SERVE_MAX_TOTAL_TOKENS")
+        # (FP8 pools the same bytes: twice the tokens of the bf16 model's, as serve.py's pool_tokens)
+        if [ -n "${SERVE_MAX_TOTAL_TOKENS:-}" ]; then
+          case $cfg in *-fp8) flags+=(--max-total-tokens "$((SERVE_MAX_TOTAL_TOKENS * 2))") ;;
+            *) flags+=(--max-total-tokens "$SERVE_MAX_TOTAL_TOKENS") ;; esac
+        fi
         case $cfg in
           stock*) SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang); flags+=(--attention-backend "${STOCK_BACKEND:-triton}") ;;
           *) SERVER_ENV=() ;;
@@ -258,6 +266,9 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase: $([ "$rc" = 0 ] && echo PASS || echo "FAIL ($rc)")"
 done
 
+# PACK_CACHE=1: this machine's JIT caches come back for .device-cache/ (next fresh machine)
+[ "${PACK_CACHE:-0}" = 1 ] && [ "$DEVICE" != cpu ] && bash "$REPO/bench/device/pack_cache.sh" "$OUT"
+
 # The device tool returns a few files of 16 MiB at most: the server logs go in one archive
 # (each cut to its last 15 MiB), so the phases' JSON results always come back.
 for f in "$OUT"/server-*.log; do
@@ -267,6 +278,9 @@ done
 if compgen -G "$OUT/server-*.log" > /dev/null; then
   tar -czf "$OUT/server-logs.tgz" -C "$OUT" $(cd "$OUT" && ls server-*.log) && rm -f "$OUT"/server-*.log
 fi
+# Only a few files come back: every result goes in one archive beside e2e.log.
+(cd "$OUT" && tar -czf results.tgz --exclude=e2e.log --exclude='jit-cache*' --exclude=results.tgz . \
+  && find . -maxdepth 1 -type f ! -name e2e.log ! -name 'jit-cache*' ! -name results.tgz -delete)
 status=0
 for phase in "${!RC[@]}"; do
   echo "phase $phase: rc ${RC[$phase]}"

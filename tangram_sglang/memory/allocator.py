@@ -192,7 +192,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             slots = mapped[g][mapped[g] > 0]
             if slots.numel():
                 allocator.free(slots)
-        self.logical_to_group[:, index] = 0
+        self.logical_to_group.index_fill_(1, index, 0)
         self.logical.free(index)
 
     def clear(self) -> None:
@@ -241,7 +241,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                     f"assign_owners(row {segment.row}): group {g} got {owner.numel()} owners "
                     f"for {slots.numel()} group slots"
                 )
-            self.logical_to_group[g, index] = 0
+            self.logical_to_group[g].index_fill_(0, index, 0)  # no scalar copy
             self.logical_to_group[g, index[owner.to(index.device).long()]] = slots.to(
                 self.logical_to_group.device
             )
@@ -357,7 +357,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             slots = []
             for g, count in enumerate(k):
                 got = self.pool.allocators[g].alloc(count)
-                self.logical_to_group[g, index] = 0
+                self.logical_to_group[g].index_fill_(0, index, 0)  # no scalar copy
                 self.logical_to_group[g, index[n - count :]] = got
                 slots.append(got)
             self._set_row(
@@ -387,7 +387,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         G = self.pool.num_groups
         self._ensure_free([len(rows)] * G, evict, "decode")
         index = new.to(self.logical_to_group.device).long()
-        self.seg_pos[index] = 0  # each decoded token is a segment of its own
+        self.seg_pos.index_fill_(0, index, 0)  # each decoded token is a segment of its own
         host_rows = torch.tensor(rows, dtype=torch.int64)
         lens = self.row_lens[:, host_rows]
         if lens.numel() and int(lens.max()) >= self.pool.max_context:
