@@ -22,18 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from tangram_sglang.memory.layout import rank_heads
-from tangram_sglang.offline.grouping import optimal_grouping, partition_sorted
+from tangram_sglang.offline.grouping import optimal_grouping, partition_sorted, reserved_table
 from tangram_sglang.offline.profile import Profile
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
-
-
-def reserved_table(profile: Profile) -> np.ndarray:
-    m = profile.model
-    table = np.zeros((m.num_layers, m.num_kv_heads))
-    for h in profile.heads:
-        table[h.layer, h.head] = h.reserved
-    return table
 
 
 def group_ratio_table(table: np.ndarray, max_groups: int) -> np.ndarray:
@@ -82,7 +74,7 @@ def permuted(stored: np.ndarray, tp: int) -> float:
 def rows(path: Path) -> list[str]:
     profile = Profile.load(path)
     m = profile.model
-    table = reserved_table(profile)
+    table = reserved_table(profile.heads, profile.model.num_layers, profile.model.num_kv_heads)
     stored = group_ratio_table(table, profile.num_groups)
     ideal = table.sum()
     out = []

@@ -86,10 +86,15 @@ def transcript(server, work: dict) -> dict:
     }
 
 
-def pool_state(server) -> dict:
+def internal_states(server) -> list[dict]:
+    """`/server_info`'s scheduler states, one per data-parallel replica."""
     response = requests.get(f"{server.url}/server_info", timeout=30)
     assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
-    return response.json()["internal_states"][0]["tangram_pool"]
+    return response.json()["internal_states"]
+
+
+def pool_state(server) -> dict:
+    return internal_states(server)[0]["tangram_pool"]
 
 
 def flush(server) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from server_sessions import flush_when_idle, stream_ids
+from server_sessions import flush_when_idle, pool_state, stream_ids
 
 from tangram_sglang.cpu.server import Launch, running_servers
 from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS
@@ -46,12 +46,6 @@ TANGRAM = (
 
 def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(len(SPECIAL_TOKENS), VOCAB) for _ in range(n)]
-
-
-def _pool(server) -> dict:
-    response = requests.get(f"{server.url}/server_info", timeout=30)
-    assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
-    return response.json()["internal_states"][0]["tangram_pool"]
 
 
 def _generate(server, prompt: list[int], max_new: int) -> dict:
@@ -77,7 +71,7 @@ def _session(server, seed: int, abort: bool) -> list[int]:
 
 def _clean(server, name: str, seed: int) -> dict:
     flush_when_idle(server)
-    state = _pool(server)
+    state = pool_state(server)
     groups = len(state["slots"])
     assert state["reserved"] == [0] * groups and state["reserved_requests"] == 0, (
         f"seed {seed}: after {name}, {state['reserved_requests']} request(s) still reserve "
@@ -184,7 +178,7 @@ def test_metrics_show_every_group_and_token_usage_is_the_kv_share(servers):
     server = servers["pressure"]
     flush_when_idle(server)
     server.generate(_ids(random.Random(seed), 30), 4)
-    groups = len(_pool(server)["slots"])
+    groups = len(pool_state(server)["slots"])
     metrics = requests.get(f"{server.url}/metrics", timeout=30).text
     for name in ("free", "reserved", "evictable", "overdrawn"):
         found = set(

@@ -28,6 +28,7 @@ from server_sessions import (
     assert_same_transcript,
     compressed_launches,
     flush_when_idle,
+    internal_states,
     run_conversation,
     stream_ids,
     transcript,
@@ -47,9 +48,7 @@ AGREED = ("slots", "free_slots", "logical_slots", "logical_free", "reserved", "o
 
 
 def rank_states(server) -> list[dict]:
-    response = requests.get(f"{server.url}/server_info", timeout=30)
-    assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
-    return response.json()["internal_states"][0]["tangram_pool_ranks"]
+    return internal_states(server)[0]["tangram_pool_ranks"]
 
 
 def disagreement(states: list[dict]) -> dict:
@@ -173,9 +172,7 @@ def dp_run(model_dir, tmp_path_factory):
 
 
 def replica_states(server) -> list[dict]:
-    response = requests.get(f"{server.url}/server_info", timeout=30)
-    assert response.ok, f"/server_info -> {response.status_code}: {response.text[:300]}"
-    return [state["tangram_pool"] for state in response.json()["internal_states"]]
+    return [state["tangram_pool"] for state in internal_states(server)]
 
 
 def test_dp2_replicas_keep_their_own_pools_and_a_pinned_session_reuses_its_turns(dp_run):

@@ -15,7 +15,9 @@
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
 # "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
-# tangram 0.25, tangram 0.25 + FP8 KV and stock + FP8 KV; "serve" runs bench/serve.py
+# tangram 0.25, tangram 0.25 + FP8 KV and stock + FP8 KV; "profile" runs the parity load on
+# PROFILE_CONFIGS with the first PROFILE_STEPS (10) prefill and decode steps of each server
+# profiled, summarized in profile.md (bench/device/profile_summary.py); "serve" runs bench/serve.py
 # (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY,
 # SERVE_MAX_TOTAL_TOKENS).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
@@ -113,23 +115,38 @@ serve() {  # serve NAME MODEL ARGS...: start, wait for /health_generate; sets PI
 halt() {  # stop the server started last (its whole process group)
   [ -n "$PID" ] || return 0
   kill -TERM -- "-$PID" 2>/dev/null
-  for _ in $(seq 1 30); do alive "$PID" || break; sleep 1; done
+  for _ in $(seq 1 "${HALT_WAIT_S:-30}"); do alive "$PID" || break; sleep 1; done
   pgrep -g "$PID" > /dev/null && { say "$1: still running, SIGKILL"; kill -KILL -- "-$PID" 2>/dev/null; }
   wait "$PID" 2>/dev/null
   PID=
   grep -E "Traceback|Error" "$OUT/server-$1.log" | grep -v -E "Warning|openai_harmony" | head -5
 }
 check() { "$PY" "$REPO/bench/device/e2e_check.py" "$@"; }
+start_profile() {  # start_profile DIR: the torch profiler over the next PROFILE_STEPS
+  # prefill and decode steps each (SGLang's /start_profile, one trace per stage)
+  curl -sf -m 30 -X POST "$URL/start_profile" -H 'Content-Type: application/json' -d \
+    "{\"output_dir\": \"$1\", \"num_steps\": ${PROFILE_STEPS:-10}, \"activities\": [\"CPU\", \"GPU\"], \"profile_by_stage\": true}" \
+    > /dev/null || say "start_profile failed"
+}
+wait_traces() {  # wait_traces DIR: both stages' traces written (at most 60 s)
+  for _ in $(seq 1 30); do
+    [ "$(ls "$1"/*.trace.json.gz 2>/dev/null | wc -l)" -ge 2 ] && return 0; sleep 2
+  done
+  say "traces in $1: $(ls "$1" 2>/dev/null | tr '\n' ' ')"
+}
 sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check, halt; sets rc
+  # (with PROFILE_DIR set: profiled, bench/device/profile_summary.py reads the traces)
   local name=$1 json=$2; shift 2
   rc=1
   serve "$name" "$MODEL" --skip-tokenizer-init "$@" \
     --max-running-requests "$((${SESSIONS:-200} + 56))" || return
+  [ -n "${PROFILE_DIR:-}" ] && start_profile "$PROFILE_DIR/$name"
   check sessions --url "$URL" --out "$OUT/$json" --vocab "$VOCAB" \
     --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
     --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
     --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
   rc=$?
+  [ -n "${PROFILE_DIR:-}" ] && wait_traces "$PROFILE_DIR/$name"
   grep -E "tangram: (sessions|[0-9,]+ KV bytes)|max_total_num_tokens|KV Cache is allocated" \
     "$OUT/server-$name.log" | cut -c1-300 | head -4
   # The most requests SGLang ran at once (its decode log lines), the sessions it held.
@@ -206,6 +223,23 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       sessions tangram-r1.0 sessions-parity-tangram-1.0.json "${tangram[@]}" --tangram-ratio 1.0; r3=$rc
       sessions tangram-r0.25 sessions-parity-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25
       rc=$(worst "$r1" "$r2" "$r3" "$rc") ;;
+    profile)  # the parity load on each of PROFILE_CONFIGS (stock, tangram-R, uniform-R),
+      # each server's first PROFILE_STEPS prefill and decode steps under the torch profiler
+      PROFILE_DIR=$WORK/profiles; rm -rf "$PROFILE_DIR"; prc=0
+      for cfg in ${PROFILE_CONFIGS:-stock tangram-1.0 tangram-0.25 uniform-0.25}; do
+        case $cfg in
+          stock) SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+            args=(--attention-backend "${STOCK_BACKEND:-triton}") ;;
+          tangram-*) SERVER_ENV=(); args=("${tangram[@]}" --tangram-ratio "${cfg#tangram-}") ;;
+          uniform-*) SERVER_ENV=(); args=(--kv-compression uniform --tangram-ratio "${cfg#uniform-}") ;;
+          *) say "unknown profile configuration $cfg"; prc=2; continue ;;
+        esac
+        sessions "$cfg" "profile-$cfg.json" "${args[@]}"; [ "$rc" = 0 ] || prc=$rc
+      done
+      SERVER_ENV=(); rc=$prc
+      "$PY" "$REPO/bench/device/profile_summary.py" "$PROFILE_DIR"/* > "$OUT/profile.md" || rc=1
+      head -80 "$OUT/profile.md"
+      PROFILE_DIR= ;;
     fp8)  # --kv-cache-dtype fp8_e4m3: tangram 0.25 alone and + FP8 KV (the target pair,
       # first), then stock + FP8 (size the load beyond the pools with MEM_FRACTION,
       # FIRST_TOKENS and ALLOW_MISSES=1)

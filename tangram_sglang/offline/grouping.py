@@ -126,6 +126,14 @@ def no_grouping(ratios: Sequence[float]) -> Grouping:
     return _evaluate(r, [tuple(range(len(r)))])
 
 
+def reserved_table(heads: Sequence[HeadStats], num_layers: int, num_kv_heads: int) -> np.ndarray:
+    """`[layers, kv heads]`: each head's reserved ratio (what grouping rounds up)."""
+    table = np.zeros((num_layers, num_kv_heads))
+    for h in heads:
+        table[h.layer, h.head] = h.reserved
+    return table
+
+
 def build_groups(
     heads: Sequence[HeadStats],
     num_layers: int,
@@ -136,9 +144,7 @@ def build_groups(
     max_size: int | None = None,
 ) -> tuple[tuple[HeadGroup, ...], dict[str, float]]:
     """Head groups for a profile plus a waste report against the two baselines."""
-    table = np.zeros((num_layers, num_kv_heads))
-    for h in heads:
-        table[h.layer, h.head] = h.reserved
+    table = reserved_table(heads, num_layers, num_kv_heads)
     flat = table.reshape(-1)
     if mode == "global":
         chosen = optimal_grouping(flat, max_groups, min_size, max_size)
