@@ -1,7 +1,8 @@
 """Summarize SGLang's torch-profiler traces (`/start_profile` with `profile_by_stage`) as
 markdown: per trace (EXTEND or DECODE steps of one server), the wall span, the GPU time in
-kernels and how busy the GPU was over the span, kernel launches, and the kernels that took
-the most GPU time. Compact enough to come back from the device machine in place of the
+kernels and how busy the GPU was over the span, kernel launches, the kernels that took the
+most GPU time, and the host's torch ops (how many; the most called) - the per-step host
+work. Compact enough to come back from the device machine in place of the
 traces themselves (tens of MB each).
 
     python bench/device/profile_summary.py DIR [DIR ...] > profile.md
@@ -29,10 +30,11 @@ def summarize(path: Path, top: int = 12) -> dict:
     start = min(e["ts"] for e in events)
     end = max(e["ts"] + e.get("dur", 0) for e in events)
     by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     launches = graph_launches = 0
     for e in events:
-        if e.get("cat") in GPU_CATS:
-            entry = by_kernel[e["name"][:90]]
+        if e.get("cat") in GPU_CATS or e.get("cat") == "cpu_op":
+            entry = (by_kernel if e.get("cat") in GPU_CATS else by_op)[e["name"][:90]]
             entry[0] += e.get("dur", 0)
             entry[1] += 1
         elif e.get("cat") in ("cuda_runtime", "cuda_driver"):
@@ -40,6 +42,7 @@ def summarize(path: Path, top: int = 12) -> dict:
             graph_launches += e["name"] == "cudaGraphLaunch"
     gpu = sum(t for t, _ in by_kernel.values())
     ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]
     return {
         "trace": path.name,
         "span_ms": (end - start) / 1000,
@@ -48,6 +51,8 @@ def summarize(path: Path, top: int = 12) -> dict:
         "kernel_launches": launches,
         "graph_launches": graph_launches,
         "top": [(name, t / 1000, n) for name, (t, n) in ranked],
+        "cpu_ops": sum(n for _, n in by_op.values()),
+        "top_ops": [(name, t / 1000, n) for name, (t, n) in ops],
     }
 
 
@@ -59,11 +64,15 @@ def markdown(label: str, s: dict) -> str:
         "",
         f"span {s['span_ms']:.1f} ms, GPU kernels {s['gpu_ms']:.1f} ms "
         f"({100 * s['gpu_busy']:.0f}% busy), {s['kernel_launches']} kernel launches, "
-        f"{s['graph_launches']} graph launches",
+        f"{s['graph_launches']} graph launches, {s['cpu_ops']} host ops",
         "",
         "| kernel | GPU ms | calls |",
         "|---|---|---|",
         *(f"| `{name}` | {ms:.2f} | {n} |" for name, ms, n in s["top"]),
+        "",
+        "| host op (most called) | ms (inclusive) | calls |",
+        "|---|---|---|",
+        *(f"| `{name}` | {ms:.2f} | {n} |" for name, ms, n in s["top_ops"]),
         "",
     ]
     return "\n".join(lines)
