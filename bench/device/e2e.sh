@@ -59,15 +59,27 @@ fi
 WORK=${WORKDIR:-/tmp/e2e-work}
 mkdir -p "$WORK" && cd "$WORK" || exit 1
 
-MODEL=$WORK/model-$SHAPE
-TEXT_MODEL=$WORK/model-$SHAPE-text
-"$PY" "$REPO/bench/device/model_config.py" "$MODEL" --shape "$SHAPE" || exit 1
-"$PY" "$REPO/bench/device/model_config.py" "$TEXT_MODEL" --shape "$SHAPE" --vocab 1024 --tokenizer || exit 1
-"$PY" -m tangram_sglang synthetic --model-path "$MODEL" --ratio 0.25 --out "$WORK/profile.yaml" || exit 1
-"$PY" -m tangram_sglang synthetic --model-path "$TEXT_MODEL" --ratio 0.25 --out "$WORK/profile-text.yaml" || exit 1
+if [ "$SHAPE" = smollm2 ]; then  # the reference model itself: its weights, tokenizer and
+  # shipped HeadKV profile (the GGUF carried in two parts, smollm2_stage.sh; here on CPU
+  # the pip package's)
+  MODEL=$(bash "$REPO/bench/device/smollm2_stage.sh") || MODEL=$("$PY" -m tangram_sglang.models.smollm2) \
+    || { say "no SmolLM2 checkpoint (bench/device/README.md: carry .device-model/part1, then part2)"; exit 1; }
+  TEXT_MODEL=$MODEL
+  cp "$REPO/profiles/smollm2-135m-instruct.headkv.yaml" "$WORK/profile.yaml"
+  cp "$WORK/profile.yaml" "$WORK/profile-text.yaml"
+  weights=()
+else
+  MODEL=$WORK/model-$SHAPE
+  TEXT_MODEL=$WORK/model-$SHAPE-text
+  "$PY" "$REPO/bench/device/model_config.py" "$MODEL" --shape "$SHAPE" || exit 1
+  "$PY" "$REPO/bench/device/model_config.py" "$TEXT_MODEL" --shape "$SHAPE" --vocab 1024 --tokenizer || exit 1
+  "$PY" -m tangram_sglang synthetic --model-path "$MODEL" --ratio 0.25 --out "$WORK/profile.yaml" || exit 1
+  "$PY" -m tangram_sglang synthetic --model-path "$TEXT_MODEL" --ratio 0.25 --out "$WORK/profile-text.yaml" || exit 1
+  weights=(--load-format dummy)
+fi
 VOCAB=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL/config.json")
 
-common=(--load-format dummy --host 127.0.0.1 --context-length "$CONTEXT" --random-seed 0)
+common=("${weights[@]}" --host 127.0.0.1 --context-length "$CONTEXT" --random-seed 0)
 if [ "$DEVICE" = cpu ]; then
   common+=(--device cpu --mem-fraction-static 0.3 --max-total-tokens 200000)
 else

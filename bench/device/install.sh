@@ -42,7 +42,11 @@ if [ ${#wheels[@]} -gt 0 ]; then
   fi
   n=$((n + ${#wheels[@]}))
 fi
-[ "$n" -gt 0 ] || { log "nothing carried: run bench/device/prepare_wheels.sh here and carry .whl/part1"; exit 1; }
+if [ "$n" -eq 0 ]; then  # a later call on a warm machine need not carry the wheels again
+  compgen -G "$SITE/.installed-*" > /dev/null || {
+    log "nothing carried: run bench/device/prepare_wheels.sh here and carry .whl/part1"; exit 1; }
+  log "nothing carried; $SITE is installed from an earlier call"
+fi
 
 for c in .device-cache/jit-cache*.tar.xz; do
   stamp="$CACHE/.restored-$(basename "$c")-$(stat -c %s "$c")"

@@ -77,12 +77,13 @@ def is_built(path: Path) -> bool:
     return fresh and (path / "config.json").is_file()
 
 
-def build(out: Path | None = None, force: bool = False) -> Path:
-    """The local checkpoint folder, built from the GGUF unless a finished build is there."""
+def build(out: Path | None = None, force: bool = False, gguf: Path | None = None) -> Path:
+    """The local checkpoint folder, built from the GGUF unless a finished build is there
+    (`gguf`: the same file brought some other way, e.g. to the GPU machine in parts)."""
     out = Path(out) if out is not None else cache_dir() / NAME
     if is_built(out) and not force:
         return out
-    source = gguf_path()
+    source = Path(gguf) if gguf is not None else gguf_path()
     found = sha256(source)
     if found != GGUF_SHA256:
         raise ModelBuildError(
@@ -132,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help=f"checkpoint folder (default: ${CACHE_ENV}/{NAME})"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if a build is there")
+    parser.add_argument(
+        "--gguf", type=Path, default=None, help=f"{GGUF_NAME} from elsewhere (checked by sha256)"
+    )
     args = parser.parse_args(argv)
     try:
-        print(build(args.out, args.force))
+        print(build(args.out, args.force, args.gguf))
     except ModelBuildError as exc:
         print(f"smollm2: error: {exc}", file=sys.stderr)
         return 2
