@@ -280,9 +280,7 @@ class KeptOwners:
         ]
 
     def apply(self, allocator: TangramAllocator) -> None:
-        for segment, owners in zip(self.segments, self.owners, strict=True):
-            if segment.compress:
-                allocator.assign_owners(segment, owners)
+        allocator.assign_owners_batch(self.segments, self.latest, self.seen)
 
 
 class DecodeGraphInputs:

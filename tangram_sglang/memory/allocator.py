@@ -38,7 +38,7 @@ while the previous one runs cannot hand its state to the wrong forward.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,18 +232,48 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         group's heads keep there over all layers (None: leave the group as allocated).
         Each group slot moves to the logical slot at that position; the set of group slots
         a segment holds is unchanged, only which of its logical slots own them."""
-        index = segment.logical.to(self.logical_to_group.device).long()
-        for g, (slots, owner) in enumerate(zip(segment.slots, owners, strict=True)):
-            if owner is None or slots.numel() == 0:
+        width = max([1, *(o.numel() for o in owners if o is not None)])
+        latest = torch.full((len(owners), 1, width), -1, dtype=torch.int64)
+        for g, owner in enumerate(owners):
+            if owner is None:
                 continue
-            if owner.numel() != slots.numel():
+            if owner.numel() != segment.slots[g].numel():
                 raise ValueError(
                     f"assign_owners(row {segment.row}): group {g} got {owner.numel()} owners "
-                    f"for {slots.numel()} group slots"
+                    f"for {segment.slots[g].numel()} group slots"
                 )
-            self.logical_to_group[g].index_fill_(0, index, 0)  # no scalar copy
-            self.logical_to_group[g, index[owner.to(index.device).long()]] = slots.to(
-                self.logical_to_group.device
+            latest[g, 0, : owner.numel()] = owner.cpu()
+        groups = [g for g, owner in enumerate(owners) if owner is not None]
+        self.assign_owners_batch([segment], latest.to(self.logical_to_group.device), groups)
+
+    def assign_owners_batch(
+        self, segments: Sequence[ExtendSegment], latest: torch.Tensor, groups: Iterable[int]
+    ) -> None:
+        """`assign_owners` for every compressed segment of a forward at once, from the
+        backend's `latest` `[G, S, W]` (segment s's k_g owners in `latest[g, s, :k_g]`) for
+        the `groups` some member head selected in: a few device ops per group however many
+        segments (their logical slots are disjoint), so the host work after an extend does
+        not grow with the batch."""
+        device, width = self.logical_to_group.device, latest.shape[2]
+        for g in sorted(groups):
+            picked = [i for i, seg in enumerate(segments) if seg.compress and seg.slots[g].numel()]
+            if not picked:
+                continue
+            kept = torch.tensor([segments[i].slots[g].numel() for i in picked])
+            if int(kept.max()) > width:
+                raise ValueError(f"assign_owners: group {g} keeps {int(kept.max())} > {width}")
+            lens = torch.tensor([segments[i].extend_len for i in picked])
+            first = torch.cumsum(kept, 0) - kept
+            within = torch.arange(int(kept.sum())) - first.repeat_interleave(kept)
+            cell = torch.tensor(picked).repeat_interleave(kept) * width + within
+            base = (torch.cumsum(lens, 0) - lens).repeat_interleave(kept)
+            cell, base = staging.to_device(torch.stack((cell, base)), device)
+            logical = torch.cat([segments[i].logical for i in picked]).to(device).long()
+            at = latest[g].reshape(-1)[cell] + base  # each group slot's owner within `logical`
+            slots = torch.cat([segments[i].slots[g] for i in picked])
+            self.logical_to_group[g].index_fill_(0, logical, 0)
+            self.logical_to_group[g].index_put_(
+                (logical[at],), slots.to(device=device, dtype=self.logical_to_group.dtype)
             )
 
     # ---- group rows ------------------------------------------------------------------
