@@ -10,6 +10,7 @@ backend runs on one and the Triton backend on the other; their pools start poiso
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -463,11 +464,9 @@ def serving_step(pair, mode: str, rows, lens, counter=None) -> None:
         forward(q, k, v, fake_layer(layer_id, pair.hq, pair.hkv, DIM), batch)
 
 
-def test_a_serving_steps_host_device_syncs_are_the_known_ones(monkeypatch):
-    """One extend and two decode steps through the Triton path as serving runs them:
-    SGLang's logical allocation, the allocation hook (`begin_extend` / `begin_decode`), the
-    forward's staging (`init_forward_metadata`) and every layer. Counted on CPU by which
-    tensors would be on the GPU (tests/host_reads.py `SyncCounter`); kernel launches exempt."""
+def counted_pair(monkeypatch) -> tuple[int, Pair, SyncCounter]:
+    """A seeded pair whose device tensors (pools, the allocator's maps and free lists, the
+    Triton path's schedule and workspace) a `SyncCounter` tracks; kernel launches exempt."""
     seed = random.SystemRandom().randrange(2**31)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -492,15 +491,26 @@ def test_a_serving_steps_host_device_syncs_are_the_known_ones(monkeypatch):
             return run(self, *args, **kwargs)
 
     monkeypatch.setattr(type(scatter_kernel()), "run", launch)
+    return seed, pair, counter
+
+
+def by_site(events) -> dict[str, int]:
+    """`SyncCounter` events counted as "kind site"."""
+    return dict(collections.Counter(f"{kind} {site}" for kind, site in events))
+
+
+def test_a_serving_steps_host_device_syncs_are_the_known_ones(monkeypatch):
+    """One extend and two decode steps through the Triton path as serving runs them:
+    SGLang's logical allocation, the allocation hook (`begin_extend` / `begin_decode`), the
+    forward's staging (`init_forward_metadata`) and every layer. Counted on CPU by which
+    tensors would be on the GPU (tests/host_reads.py `SyncCounter`); kernel launches exempt."""
+    seed, pair, counter = counted_pair(monkeypatch)
     counts = {}
     with counter.counting(monkeypatch):
         for mode, lens in (("extend", [25, 3]), ("decode", [1, 1]), ("decode", [1, 1])):
             counter.events.clear()
             serving_step(pair, mode, [1, 2], lens, counter)
-            found = {}
-            for kind, site in counter.events:
-                found[f"{kind} {site}"] = found.get(f"{kind} {site}", 0) + 1
-            counts[mode] = found
+            counts[mode] = by_site(counter.events)
     assert counter.ops > 0, "the counter saw no op: it counted nothing"
     for mode, found in counts.items():
         waits = {s: n for s, n in found.items() if not s.startswith("staged")}
@@ -525,19 +535,8 @@ def test_a_prefix_hit_and_a_finish_wait_for_the_device_only_at_known_sites(monke
     """A follow-up turn's extend over its radix prefix, then the first turn's request
     freeing its tail, counted as `test_a_serving_steps_host_device_syncs_are_the_known_ones`
     counts (tests/host_reads.py `SyncCounter`): any wait beyond `KNOWN_WAITS` fails."""
-    seed = random.SystemRandom().randrange(2**31)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    pair = Pair(random_layout(2), 8, torch.float32, seed)
+    seed, pair, counter = counted_pair(monkeypatch)
     allocator = pair.allocators[1]
-    pool, counter = allocator.pool, SyncCounter()
-    counter.mark(
-        *_device_tensors(pool),
-        allocator.logical_to_group,
-        allocator.seg_pos,
-        allocator.logical.free_pages,
-        *(a.free_pages for a in pool.allocators),
-    )
     first = allocator.alloc(random.randint(20, 40))
     allocator.begin_extend([1], [first[:0]], [first])
     counts = {}
@@ -545,25 +544,22 @@ def test_a_prefix_hit_and_a_finish_wait_for_the_device_only_at_known_sites(monke
         counter.mark(first)  # SGLang's radix values live on the device
         new = allocator.alloc(random.randint(2, 8))
         allocator.begin_extend([2], [first], [new])
-        counts["prefix"], counter.events[:] = list(counter.events), []
+        counts["prefix"], counter.events[:] = by_site(counter.events), []
         allocator.free(first[-3:])
-        counts["finish"] = list(counter.events)
+        counts["finish"] = by_site(counter.events)
     assert counter.ops > 0, "the counter saw no op: it counted nothing"
-    for case, events in counts.items():
-        waits = {}
-        for kind, site in events:
-            if not kind.startswith("staged"):
-                waits[f"{kind} {site}"] = waits.get(f"{kind} {site}", 0) + 1
-        groups = pool.num_groups
+    groups = allocator.pool.num_groups
+    for case, found in counts.items():
+        waits = {s: n for s, n in found.items() if not s.startswith("staged")}
         allowed = {site: n * groups for site, n in KNOWN_WAITS[case].items()}
         new_waits = {site: n for site, n in waits.items() if n > allowed.get(site, 0)}
         assert not new_waits, f"seed {seed}: new waits in the {case} case: {new_waits} ({waits})"
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA's sync debug mode needs a GPU")
-def test_a_decode_step_runs_under_cudas_sync_debug_mode_error():
+def test_a_decode_step_runs_under_cudas_sync_debug_mode():
     """On the GPU: the allocation hook, staging and every layer of a decode step make no
-    synchronizing CUDA call (`torch.cuda.set_sync_debug_mode("error")` raises on one)."""
+    synchronizing CUDA call (`torch.cuda.set_sync_debug_mode("warn")` warns on each one)."""
     pair = Pair(random_layout(2), 8, torch.bfloat16, random.randrange(10_000))
     serving_step(pair, "extend", [1, 2], [25, 3])
     serving_step(pair, "decode", [1, 2], [1, 1])  # compiles the kernels outside the check

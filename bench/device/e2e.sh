@@ -325,8 +325,12 @@ if compgen -G "$OUT/server-*.log" > /dev/null; then
   tar -czf "$OUT/server-logs.tgz" -C "$OUT" $(cd "$OUT" && ls server-*.log) && rm -f "$OUT"/server-*.log
 fi
 # Only a few files come back: every result goes in one archive beside e2e.log.
-(cd "$OUT" && tar -czf results.tgz --exclude=e2e.log --exclude='jit-cache*' --exclude=results.tgz . \
-  && find . -maxdepth 1 -type f ! -name e2e.log ! -name 'jit-cache*' ! -name results.tgz -delete)
+# (Written beside, then moved in: tar stops with an error when its own output grows inside
+# the folder it reads, and the files were then left in place.)
+packed=$(mktemp /tmp/e2e-results.XXXX.tgz)
+tar -czf "$packed" -C "$OUT" --exclude=e2e.log --exclude='jit-cache*' --exclude=results.tgz . \
+  && (cd "$OUT" && find . -maxdepth 1 -type f ! -name e2e.log ! -name 'jit-cache*' -delete) \
+  && mv "$packed" "$OUT/results.tgz"
 status=0
 for phase in "${!RC[@]}"; do
   echo "phase $phase: rc ${RC[$phase]}"

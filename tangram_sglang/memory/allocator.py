@@ -232,8 +232,9 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         group's heads keep there over all layers (None: leave the group as allocated).
         Each group slot moves to the logical slot at that position; the set of group slots
         a segment holds is unchanged, only which of its logical slots own them."""
+        device = self.logical_to_group.device
         width = max([1, *(o.numel() for o in owners if o is not None)])
-        latest = torch.full((len(owners), 1, width), -1, dtype=torch.int64)
+        latest = torch.full((len(owners), 1, width), -1, dtype=torch.int64, device=device)
         for g, owner in enumerate(owners):
             if owner is None:
                 continue
@@ -242,9 +243,9 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                     f"assign_owners(row {segment.row}): group {g} got {owner.numel()} owners "
                     f"for {segment.slots[g].numel()} group slots"
                 )
-            latest[g, 0, : owner.numel()] = owner.cpu()
+            latest[g, 0, : owner.numel()] = owner
         groups = [g for g, owner in enumerate(owners) if owner is not None]
-        self.assign_owners_batch([segment], latest.to(self.logical_to_group.device), groups)
+        self.assign_owners_batch([segment], latest, groups)
 
     def assign_owners_batch(
         self, segments: Sequence[ExtendSegment], latest: torch.Tensor, groups: Iterable[int]

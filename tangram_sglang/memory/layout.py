@@ -71,6 +71,12 @@ class PoolLayout:
         rows = sum(len(h) for h in self.heads[group])
         return rows * self.head_dim * 2 * dtype_bytes
 
+    def group_bytes(
+        self, slots: Sequence[int], dtype_bytes: int, page_size: int = 1
+    ) -> tuple[int, ...]:
+        """K and V bytes of each group holding `slots` usable slots plus its padding page."""
+        return tuple((n + page_size) * self.slot_bytes(g, dtype_bytes) for g, n in enumerate(slots))
+
     def full_token_bytes(self, dtype_bytes: int) -> int:
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * dtype_bytes
 
@@ -102,9 +108,7 @@ class PoolLayout:
             )
         slots = list(self._split_budget(total_bytes - padding, demand, dtype_bytes, page_size))
         # _split_budget floors in floating point; shave a page where rounding overshot.
-        while sum((s + page_size) * b for s, b in zip(slots, slot_bytes, strict=True)) > (
-            total_bytes
-        ):
+        while sum(self.group_bytes(slots, dtype_bytes, page_size)) > total_bytes:
             g = max(range(len(slots)), key=lambda i: slots[i] * slot_bytes[i])
             slots[g] -= page_size
         return tuple(slots)

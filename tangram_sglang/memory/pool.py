@@ -200,11 +200,7 @@ class RaggedPool:
 
     def bytes_per_group(self) -> tuple[int, ...]:
         """K and V bytes of each group over all layers, padding slots included."""
-        nbytes = _dtype_bytes(self.dtype)
-        return tuple(
-            (s + self.page_size) * self.layout.slot_bytes(g, nbytes)
-            for g, s in enumerate(self.slots)
-        )
+        return self.layout.group_bytes(self.slots, _dtype_bytes(self.dtype), self.page_size)
 
     def total_bytes(self) -> int:
         """K/V storage bytes (the tables `req_to_slot`/`group_lens` are not counted)."""

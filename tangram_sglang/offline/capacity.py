@@ -84,10 +84,7 @@ def capacity_plan(
 
     demand = session_slots(turns, layout.ratios, rule)
     slots = agreed_pool_slots(shards, kv_bytes, demand, dtype_bytes, page_size)
-    rank_use = tuple(
-        sum((n + page_size) * s.slot_bytes(g, dtype_bytes) for g, n in enumerate(slots)) / kv_bytes
-        for s in shards
-    )
+    rank_use = tuple(sum(s.group_bytes(slots, dtype_bytes, page_size)) / kv_bytes for s in shards)
     groups = tuple(
         GroupSplit(
             g,
