@@ -97,11 +97,12 @@ port=31000
 PID=
 URL=
 alive() { [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+budget_left() { echo $((START + BUDGET_S - 30 - $(date +%s))); }  # seconds, 30 kept for packing
 serve() {  # serve NAME MODEL ARGS...: start, wait for /health_generate; sets PID and URL
   local name=$1 model=$2; shift 2
   port=$((port + 1))
   URL=http://127.0.0.1:$port
-  local left=$((START + BUDGET_S - 30 - $(date +%s)))
+  local left; left=$(budget_left)
   [ "$left" -gt 60 ] || { say "$name: not started, ${left}s of the budget left"; return 1; }
   echo "${SERVER_ENV[*]} $PY -m sglang.launch_server --model-path $model --port $port ${common[*]} $*" \
     > "$OUT/server-$name.log"
@@ -195,7 +196,7 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase"
   case $phase in
     gputests)  # compiled: real CUDA-graph capture/replay of the backend, kernels vs reference
-      left=$((START + BUDGET_S - 30 - $(date +%s)))
+      left=$(budget_left)
       lim=${GPUTEST_TIMEOUT_S:-200}; [ "$left" -lt "$lim" ] && lim=$left
       timeout "$((lim > 1 ? lim : 1))" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$REPO/tests/test_cuda_graph_decode.py" "$REPO/tests/test_backend_kernels.py" \
