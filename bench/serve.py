@@ -52,9 +52,10 @@ PERCENTILES = (50, 90, 99)
 CPU_KV_BYTES = 4  # the CPU servers run fp32 (tangram_sglang/cpu/server.py)
 
 
-def config_args(name: str, profile: Path) -> tuple[list[str], bool]:
+def config_args(name: str, profile: Path, shape: str | None = None) -> tuple[list[str], bool]:
     """Server flags of a named configuration and whether it loads our plugin: `stock`,
-    `stock-fp8`, `uniform-R`, `tangram-R`, `tangram-R-fp8` (R the memory share)."""
+    `stock-fp8`, `uniform-R`, `tangram-R`, `tangram-R-fp8` (R the memory share); tangram's
+    pools are split for the session `shape` (`workloads.pool_shape`) where given."""
     parts = name.split("-")
     fp8 = ["--kv-cache-dtype", "fp8_e4m3"] if parts[-1] == "fp8" else []
     if parts[0] == "stock" and len(parts) <= 2:
@@ -63,13 +64,14 @@ def config_args(name: str, profile: Path) -> tuple[list[str], bool]:
         flags = ["--kv-compression", parts[0], "--tangram-ratio", parts[1]]
         if parts[0] == "tangram":
             flags += ["--tangram-profile", str(profile)]
+            flags += ["--tangram-workload", shape] if shape else []
         return flags + fp8, True
     raise ValueError(f"configuration {name!r} is not stock[-fp8], uniform-R or tangram-R[-fp8]")
 
 
-def config_launch(name: str, profile: Path, extra: list[str]) -> Launch:
+def config_launch(name: str, profile: Path, extra: list[str], shape: str | None = None) -> Launch:
     """The CPU server of a named configuration (stock on SGLang's `torch_native`)."""
-    flags, plugins = config_args(name, profile)
+    flags, plugins = config_args(name, profile, shape)
     return Launch([*flags, *extra], plugins=plugins, attention=None if plugins else "torch_native")
 
 
@@ -398,14 +400,21 @@ def config_names(args: argparse.Namespace) -> list[str]:
 
 @contextmanager
 def serving(
-    args: argparse.Namespace, name: str, model: Path, running: int, logs: Path
+    args: argparse.Namespace,
+    name: str,
+    model: Path,
+    running: int,
+    logs: Path,
+    shape: str | None = None,
 ) -> Iterator[str]:
     """The URL of configuration `name` for the block: --url's server, or one started here
-    (logs under `logs`) with `server_flags` (room for `running` requests)."""
+    (logs under `logs`) with `server_flags` (room for `running` requests) and tangram's
+    pools split for the session `shape`."""
     if args.url:
         yield args.url
         return
-    launch = config_launch(name, profile_path(args), server_flags(args, name, running))
+    flags = server_flags(args, name, running)
+    launch = config_launch(name, profile_path(args), flags, shape)
     with running_servers(model, logs, {name: launch}) as servers:
         yield servers[name].url
 
@@ -417,13 +426,28 @@ def run_configs(
     each of --configs started in turn (one server at a time: they share the CPU)."""
     logs = Path(tempfile.mkdtemp(prefix="serve-")) / "logs"
     runs: dict[str, dict] = {}
+    shape = split_shape(args, sessions)
     for name in config_names(args):
-        with serving(args, name, model, max(levels) + 8, logs) as url:
+        with serving(args, name, model, max(levels) + 8, logs, shape) as url:
             runs[name] = drive(url, sessions, levels, name)
         print(f"{name}: " + ", ".join(
             f"c{r['concurrency']} {r['output_tok_s']} tok/s" for r in runs[name]["sweep"]
         ), flush=True)  # fmt: skip
     return runs
+
+
+def split_shape(args: argparse.Namespace, sessions: list[workloads.Session]) -> str | None:
+    """The session shape tangram's pools are split for: the workload's own (an operator
+    sizes for their traffic) unless `--split-for default` keeps the server's default."""
+    return workloads.pool_shape(sessions) if args.split_for == "workload" else None
+
+
+def workload_sessions(args: argparse.Namespace, vocab: int) -> list[workloads.Session]:
+    if Path(args.workload).is_file():
+        return workloads.load(args.workload)
+    return workloads.generate(
+        args.workload, args.sessions, args.seed, args.scale, args.rate, args.think, vocab
+    )
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -444,21 +468,28 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", nargs="+", help="combine these OUT.json runs (one configuration each)"
     )
     ap.add_argument("--flags", metavar="CONFIG", help="print a configuration's server flags")
+    ap.add_argument(
+        "--split-for",
+        choices=("workload", "default"),
+        default="workload",
+        help="the session shape tangram's head-group pools are split for: the workload's "
+        "mean shape (--tangram-workload) or the server's default",
+    )
     args = ap.parse_args(argv)
     if not args.flags and not args.out:
         ap.error("--out is required")
-    if args.flags:
-        print(" ".join(config_args(args.flags, Path(args.profile or PROFILES["tiny"]))[0]))
+    if args.flags:  # the same sessions as a run with these --workload/--model options
+        shape = None
+        if args.split_for == "workload":
+            vocab = model_and_vocab(args, Path(tempfile.mkdtemp(prefix="serve-")))[1]
+            shape = split_shape(args, workload_sessions(args, vocab))
+        profile = Path(args.profile or PROFILES["tiny"])
+        print(" ".join(config_args(args.flags, profile, shape)[0]))
         return 0
     if args.merge:
         return write(merged(args.merge), Path(args.out), args)
     model, vocab = model_and_vocab(args, Path(tempfile.mkdtemp(prefix="serve-")))
-    if Path(args.workload).is_file():
-        sessions = workloads.load(args.workload)
-    else:
-        sessions = workloads.generate(
-            args.workload, args.sessions, args.seed, args.scale, args.rate, args.think, vocab
-        )
+    sessions = workload_sessions(args, vocab)
     levels = [int(c) for c in args.concurrency.split(",")]
     record = {
         "command": command_line("bench/serve.py", argv),
@@ -469,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             "turns": sum(len(s.turns) for s in sessions),
             "new_prompt_tokens": sum(len(t.new_ids) for s in sessions for t in s.turns),
             "max_total_tokens": None if args.url else args.max_total_tokens,
+            "tangram_workload": split_shape(args, sessions),
         },  # fmt: skip
         "runs": run_configs(args, model, sessions, levels),
     }

@@ -137,6 +137,22 @@ def generate(
     return Generator(kind, seed, scale, vocab, low).sessions(sessions, rate, think)
 
 
+def pool_shape(sessions: list[Session]) -> str:
+    """The sessions' mean shape as `--tangram-workload CONTEXT,TURNS,USER,ANSWER`: the
+    head-group pools are split for one session shape (an uncompressed token costs a slot in
+    every group, a compressed one its group's ratio), so a server split for another shape
+    runs out of its tightest group early (bench/results/gpu-2026-12-06b-h100.md, section 4)."""
+    if not sessions:
+        raise ValueError("pool_shape: no sessions")
+    follow = [len(t.new_ids) for s in sessions for t in s.turns[1:]]
+    first = sum(len(s.turns[0].new_ids) for s in sessions) / len(sessions)
+    user = sum(follow) / len(follow) if follow else 0.0
+    answers = [t.max_tokens for s in sessions for t in s.turns]
+    turns = sum(len(s.turns) for s in sessions) / len(sessions)
+    shape = (max(1.0, first - user), max(1.0, turns), user, sum(answers) / len(answers))
+    return ",".join(str(round(x)) for x in shape)
+
+
 def save(sessions: list[Session], path: str | Path) -> None:
     Path(path).write_text("".join(s.to_json() + "\n" for s in sessions))
 

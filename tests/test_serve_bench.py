@@ -72,6 +72,27 @@ def test_unknown_configuration_is_named():
     ]
 
 
+def test_tangram_pools_are_split_for_the_workloads_own_session_shape():
+    """The mean shape of the sessions reaches tangram servers as --tangram-workload (and
+    passes the server's own check of that flag); stock and uniform get none."""
+    from tangram_sglang.config import TangramConfig
+
+    seed = random.randrange(10_000)
+    sessions = workloads.generate("shared-context", 8, seed=seed, scale=0.05)
+    shape = workloads.pool_shape(sessions)
+    context, turns, user, answer = (int(x) for x in shape.split(","))
+    firsts = [len(s.turns[0].new_ids) for s in sessions]
+    assert min(firsts) <= context + user <= max(firsts) + 1, (seed, shape)
+    assert min(len(s.turns) for s in sessions) <= turns <= max(len(s.turns) for s in sessions)
+    assert answer == 16 and 1 <= user < context, (seed, shape)
+    flags = serve.config_args("tangram-0.25", Path("p.yaml"), shape)[0]
+    assert flags[flags.index("--tangram-workload") + 1] == shape
+    parsed = TangramConfig(mode="tangram", workload=shape).serving_workload(8192)
+    assert (parsed.context, parsed.turns) == (context, turns)
+    for name in ("stock", "uniform-0.25"):
+        assert "--tangram-workload" not in serve.config_args(name, Path("p.yaml"), shape)[0]
+
+
 def test_fp8_configurations_get_stocks_pool_bytes():
     """`--max-total-tokens` counts tokens: an FP8 pool gets the tokens of the same bytes."""
     ap = argparse.ArgumentParser()

@@ -14,12 +14,18 @@
 #   Each phase starts its servers one after the other (one GPU), logs go to $OUT.
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
-# "parity" runs them on stock (prefill graphs on and off), tangram 1.0 and 0.25; "fp8" on
+# "parity" runs them on PARITY_CONFIGS (stock with and without overlap scheduling, tangram 1.0
+# and 0.25; also stock-eager-prefill, uniform-R); "fp8" on
 # tangram 0.25, tangram 0.25 + FP8 KV and stock + FP8 KV; "profile" runs the parity load on
 # PROFILE_CONFIGS with the first PROFILE_STEPS (10) prefill and decode steps of each server
 # profiled, summarized in profile.md (bench/device/profile_summary.py); "serve" runs bench/serve.py
 # (SERVE_CONFIGS, SERVE_WORKLOAD, SERVE_SESSIONS, SERVE_SCALE, SERVE_CONCURRENCY,
-# SERVE_MAX_TOTAL_TOKENS).
+# SERVE_MAX_TOTAL_TOKENS); "accuracy" (MODEL_SHAPE=smollm2 only) runs bench/accuracy.py
+# --device cuda: quality vs KV memory on the reference model at 4-6K-token contexts, the
+# reference path (transformers, fp32) beside the fp32 servers (full, uniform and tangram at
+# ACC_SERVER_RATIOS), into $OUT/accuracy-gpu.{json,md,png} (ACC_WORDS 4000, ACC_SAMPLES 12
+# multi-turn, ACC_OTHER_SAMPLES 0 of each single-turn task, ACC_SERVER_SAMPLES 8,
+# ACC_RATIOS "0.5 0.25 0.1", ACC_SERVER_RATIOS 0.25, ACC_ARGS: more flags; ~190 s on an H100).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3), TP_SIZE (1;
@@ -226,16 +232,25 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
       sessions stock-sessions sessions-stock.json --attention-backend "${STOCK_BACKEND:-triton}"
       SERVER_ENV=() ;;
-    parity)  # the load that fits stock's pool, overlap on everywhere; stock also without
-      # prefill graphs (what they buy it: tangram's extend runs eagerly)
-      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
-      sessions stock sessions-parity-stock.json --attention-backend "${STOCK_BACKEND:-triton}"; r1=$rc
-      sessions stock-eager-prefill sessions-parity-stock-eager-prefill.json \
-        --attention-backend "${STOCK_BACKEND:-triton}" --disable-prefill-cuda-graph; r2=$rc
-      SERVER_ENV=()
-      sessions tangram-r1.0 sessions-parity-tangram-1.0.json "${tangram[@]}" --tangram-ratio 1.0; r3=$rc
-      sessions tangram-r0.25 sessions-parity-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25
-      rc=$(worst "$r1" "$r2" "$r3" "$rc") ;;
+    parity)  # the load that fits stock's pool, overlap on unless named: each of PARITY_CONFIGS
+      # (stock; stock-eager-prefill: no prefill graphs, what they buy stock; stock-no-overlap:
+      # what overlap scheduling buys stock, the ceiling of a host path that stalls it;
+      # tangram-R; uniform-R)
+      prc=0
+      for cfg in ${PARITY_CONFIGS:-stock stock-no-overlap tangram-1.0 tangram-0.25}; do
+        SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+        case $cfg in
+          stock) args=() ;;
+          stock-eager-prefill) args=(--disable-prefill-cuda-graph) ;;
+          stock-no-overlap) args=(--disable-overlap-schedule) ;;
+          tangram-*) SERVER_ENV=(); args=("${tangram[@]}" --tangram-ratio "${cfg#tangram-}") ;;
+          uniform-*) SERVER_ENV=(); args=(--kv-compression uniform --tangram-ratio "${cfg#uniform-}") ;;
+          *) say "unknown parity configuration $cfg"; prc=2; continue ;;
+        esac
+        case $cfg in stock*) args+=(--attention-backend "${STOCK_BACKEND:-triton}") ;; esac
+        sessions "$cfg" "sessions-parity-$cfg.json" "${args[@]}"; [ "$rc" = 0 ] || prc=$rc
+      done
+      SERVER_ENV=(); rc=$prc ;;
     profile)  # the parity load on each of PROFILE_CONFIGS (stock, tangram-R, uniform-R),
       # each server's first PROFILE_STEPS prefill and decode steps under the torch profiler
       PROFILE_DIR=$WORK/profiles; rm -rf "$PROFILE_DIR"; prc=0
@@ -255,21 +270,28 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       PROFILE_DIR= ;;
     fp8)  # --kv-cache-dtype fp8_e4m3: tangram 0.25 alone and + FP8 KV (the target pair,
       # first), then stock + FP8 (size the load beyond the pools with MEM_FRACTION,
-      # FIRST_TOKENS and ALLOW_MISSES=1)
+      # FIRST_TOKENS and ALLOW_MISSES=1; FP8_STOCK=0 runs only the pair)
       sessions tangram-r0.25-bf16 sessions-fp8-tangram-0.25.json "${tangram[@]}" --tangram-ratio 0.25; r1=$rc
       sessions tangram-r0.25-fp8 sessions-fp8-tangram-0.25-fp8.json "${tangram[@]}" \
         --tangram-ratio 0.25 --kv-cache-dtype fp8_e4m3; r2=$rc
-      SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
-      sessions stock-fp8 sessions-fp8-stock.json --attention-backend "${STOCK_BACKEND:-triton}" \
-        --kv-cache-dtype fp8_e4m3
-      SERVER_ENV=()
+      rc=0
+      if [ "${FP8_STOCK:-1}" = 1 ]; then
+        SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
+        sessions stock-fp8 sessions-fp8-stock.json --attention-backend "${STOCK_BACKEND:-triton}" \
+          --kv-cache-dtype fp8_e4m3
+        SERVER_ENV=()
+      fi
       rc=$(worst "$r1" "$r2" "$rc") ;;
     serve)  # bench/serve.py against each of SERVE_CONFIGS in turn, then one merged record
       rc=0; parts=()
       devname=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
       devname=${devname:-$DEVICE}
       for cfg in ${SERVE_CONFIGS:-stock tangram-0.25}; do
-        flags=$("$PY" "$REPO/bench/serve.py" --flags "$cfg" --profile "$WORK/profile.yaml") || { rc=1; continue; }
+        # (tangram's pools split for the workload's own session shape, as serve.py does)
+        flags=$("$PY" "$REPO/bench/serve.py" --flags "$cfg" --profile "$WORK/profile.yaml" \
+          --model "$MODEL" --workload "${SERVE_WORKLOAD:-shared-context}" \
+          --sessions "${SERVE_SESSIONS:-64}" --scale "${SERVE_SCALE:-0.1}" \
+          --split-for "${SERVE_SPLIT_FOR:-workload}") || { rc=1; continue; }
         # shellcheck disable=SC2206
         flags=($flags)
         # A pool small enough that stock must evict (every configuration the same bytes)
@@ -287,6 +309,7 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
           "$PY" "$REPO/bench/serve.py" --url "$URL" --name "$cfg" --model "$MODEL" \
             --workload "${SERVE_WORKLOAD:-shared-context}" --sessions "${SERVE_SESSIONS:-64}" \
             --scale "${SERVE_SCALE:-0.1}" --concurrency "${SERVE_CONCURRENCY:-16,64}" \
+            --split-for "${SERVE_SPLIT_FOR:-workload}" \
             --device "$devname" \
             --out "$OUT/serve-$cfg" > "$OUT/serve-$cfg.log" 2>&1 || rc=1
           tail -12 "$OUT/serve-$cfg.log"
@@ -299,6 +322,26 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=()
       [ ${#parts[@]} -gt 0 ] && "$PY" "$REPO/bench/serve.py" --merge "${parts[@]}" --model "$SHAPE" \
         --workload "${SERVE_WORKLOAD:-shared-context}" --device "$devname" --out "$OUT/serve" > /dev/null ;;
+    accuracy)  # quality vs KV memory at length on the reference model (bench/accuracy.py):
+      # no new sample in the budget's last 80 s, stopped (servers too) in its last 20 s
+      rc=2
+      if [ "$SHAPE" != smollm2 ]; then
+        say "accuracy: needs MODEL_SHAPE=smollm2 (the reference model, its weights and profiles)"
+      else
+        tag=$([ "$DEVICE" = cpu ] && echo cpu || echo gpu)
+        left=$(budget_left)
+        # shellcheck disable=SC2086
+        timeout -k 25 "$((left > 21 ? left - 20 : 1))" "$PY" "$REPO/bench/accuracy.py" \
+          --device "$DEVICE" --model-path "$MODEL" --out "$OUT/accuracy-$tag" \
+          --words "${ACC_WORDS:-4000}" --samples "${ACC_SAMPLES:-12}" \
+          --other-samples "${ACC_OTHER_SAMPLES:-0}" --server-samples "${ACC_SERVER_SAMPLES:-8}" \
+          --ratios ${ACC_RATIOS:-0.5 0.25 0.1} --server-ratios ${ACC_SERVER_RATIOS:-0.25} \
+          --extra-profiles --time-limit "$((left > 80 ? left - 80 : 1))" ${ACC_ARGS:-} \
+          > "$OUT/accuracy-$tag.log" 2>&1
+        rc=$?
+        if [ -e "$OUT/accuracy-$tag.md" ]; then cat "$OUT/accuracy-$tag.md"
+        else tr '\r' '\n' < "$OUT/accuracy-$tag.log" | grep -v -E "it/s|s/it|sample/s" | tail -25; fi
+      fi ;;
     frontend)
       rc=1
       if serve tangram-text "$TEXT_MODEL" --kv-compression tangram \
@@ -330,7 +373,7 @@ fi
 # the folder it reads, and the files were then left in place.)
 packed=$(mktemp /tmp/e2e-results.XXXX.tgz)
 tar -czf "$packed" -C "$OUT" --exclude=e2e.log --exclude='jit-cache*' --exclude=results.tgz . \
-  && (cd "$OUT" && find . -maxdepth 1 -type f ! -name e2e.log ! -name 'jit-cache*' -delete) \
+  && (cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name e2e.log ! -name 'jit-cache*' -exec rm -rf {} +) \
   && mv "$packed" "$OUT/results.tgz"
 status=0
 for phase in "${!RC[@]}"; do

@@ -96,7 +96,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     n, t = query.shape[2], key.shape[2]
     hq, hkv = query.shape[1], key.shape[1]
     if p:
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
         visible = torch.cat(
             (fwd.reader.layers[layer][:, None, :].expand(hkv, n, p), causal.expand(hkv, n, n)), -1
         ).repeat_interleave(hq // hkv, 0)
@@ -119,7 +119,7 @@ def _select(fwd: _Forward, layer: int, q, k, v) -> None:
     segment = None
     for masks in fwd.writers:
         kept = masks.budgets.kept(layer, n, fwd.rule)
-        keep = torch.ones(hkv, n, dtype=torch.bool)
+        keep = torch.ones(hkv, n, dtype=torch.bool, device=k.device)
         if kept is not None:
             method = masks.budgets.method
             if segment is None:
@@ -128,9 +128,9 @@ def _select(fwd: _Forward, layer: int, q, k, v) -> None:
                 scorer = fwd.scorers.setdefault(method, SCORERS[method]())
                 qt, kt, vt = (x.transpose(0, 1) for x in (q, k, v))
                 scores[method] = scorer.score_batch(qt, kt, vt, segment)
-            budget = torch.tensor([kept], dtype=torch.int64)
+            budget = torch.tensor([kept], dtype=torch.int64, device=k.device)
             chosen = select_batch(scores[method], segment.lengths, budget, fwd.rule, max(kept))
-            keep = torch.zeros(hkv, n, dtype=torch.bool)
+            keep = torch.zeros(hkv, n, dtype=torch.bool, device=k.device)
             for h, count in enumerate(kept):
                 keep[h, chosen[0, h, :count]] = True
         previous = masks.layers[layer] if layer < len(masks.layers) else None
@@ -150,8 +150,11 @@ def register() -> str:
     return ATTENTION
 
 
-def load_model(model_path: str | Path, threads: int | None = None) -> torch.nn.Module:
-    """The model in float32 (the server's dtype for exact comparisons) with our attention."""
+def load_model(
+    model_path: str | Path, threads: int | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The model in float32 (the server's dtype for exact comparisons) with our attention,
+    on `device` (every tensor of a conversation follows the model there)."""
     from transformers import AutoModelForCausalLM
 
     if threads:
@@ -159,7 +162,7 @@ def load_model(model_path: str | Path, threads: int | None = None) -> torch.nn.M
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation=register()
     )
-    return model.eval()
+    return model.to(device).eval()
 
 
 class Conversation:
@@ -190,11 +193,12 @@ class Conversation:
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], writers: Sequence[KeptMasks]) -> torch.Tensor:
         fwd = _Forward(self.length, self.masks, writers, self.rule, self.scorers)
-        positions = torch.arange(self.length, self.length + len(ids))[None]
+        device = self.model.device
+        positions = torch.arange(self.length, self.length + len(ids), device=device)[None]
         token = _ACTIVE.set(fwd)
         try:
             out = self.model(
-                torch.tensor([list(ids)]),
+                torch.tensor([list(ids)], device=device),
                 position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,

@@ -12,6 +12,8 @@ ports, all at once (start-up is mostly imports, ~30-40 s, and overlaps well), wa
 for `/health_generate`, and stops them (SIGTERM, then any leftover child by PID).
 `failed_start(...)` starts one expecting a refusal and returns the exit code and the log.
 The CPU stand-ins reach every process SGLang spawns through PYTHONPATH.
+`Launch(device="cuda")` is the same harness on a GPU machine (no CPU defaults or stand-ins),
+for benchmarks that compare the two, e.g. `bench/accuracy.py --device cuda`.
 Our plugin is an installed entry point, so a stock server is started with SGLANG_PLUGINS
 (SGLang's own whitelist) naming no plugin of ours.
 """
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import requests
@@ -48,16 +50,19 @@ NO_PLUGINS = "none-stock-sglang"  # an SGLANG_PLUGINS whitelist that matches no 
 @dataclass(frozen=True)
 class Launch:
     """One server: flags on top of CPU_ARGS, whether plugins load, the attention backend,
-    extra environment variables.
+    extra environment variables, the device.
 
     `attention` torch_native is SGLang's CPU backend (naming it also turns CUDA graphs
-    off); None leaves the choice to the flags, e.g. to `--kv-compression`.
+    off); None leaves the choice to the flags, e.g. to `--kv-compression`. On `device`
+    "cuda" the server is SGLang's own: neither CPU_ARGS nor the CPU stand-ins, the flags
+    (and a backend such as triton) are the caller's.
     """
 
     args: Sequence[str] = ()
     plugins: bool = True
     attention: str | None = "torch_native"
     env: Sequence[tuple[str, str]] = ()
+    device: Literal["cpu", "cuda"] = "cpu"
 
 
 @dataclass
@@ -95,9 +100,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_env(plugins: bool, extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+def server_env(
+    plugins: bool, extra: Iterable[tuple[str, str]] = (), shims: bool = True
+) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
+    if shims:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH")) if p)
     env.pop("SGLANG_USE_CPU_ENGINE", None)  # set, SGLang imports sgl_kernel CPU ops
     env.pop("TRITON_INTERPRET", None)  # the kernel tests' interpreter, not the server's
     env.pop("SGLANG_PLUGINS", None)
@@ -110,18 +118,22 @@ def server_env(plugins: bool, extra: Iterable[tuple[str, str]] = ()) -> dict[str
 def start(model_dir: Path, log_path: Path, launch: Launch) -> Server:
     """Launch without waiting; stdout and stderr go to `log_path`."""
     port = free_port()
+    cpu = launch.device == "cpu"
     attention = ("--attention-backend", launch.attention) if launch.attention else ()
     cmd = [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        *CPU_ARGS, *attention, *launch.args,
+        *(CPU_ARGS if cpu else ()), *attention, *launch.args,
     ]  # fmt: skip
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, env=server_env(launch.plugins, launch.env), stdout=log, stderr=subprocess.STDOUT
+            cmd,
+            env=server_env(launch.plugins, launch.env, shims=cpu),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     return Server(proc, f"http://127.0.0.1:{port}", log_path)
 
