@@ -417,7 +417,8 @@ STEP_SYNCS = {
     "extend": {
         "staged allocator.py:_new_segments": 1,
         "staged allocator.py:assign_owners_batch": GROUPS,  # one per group, after the forward
-        "staged allocator.py:_store_lens": 2,
+        "staged allocator.py:_store_lens": 1,  # every row's lengths, one copy for the batch
+        "staged allocator.py:_new_slot_tables": 1,  # where the new slots go, the same
         "staged backend.py:build": 1,
         "staged backend.py:stage": 3,
         "staged base.py:__init__": 11,
@@ -520,38 +521,39 @@ def test_a_serving_steps_host_device_syncs_are_the_known_ones(monkeypatch):
         assert not new, f"seed {seed}: new host-device syncs in a {mode} step: {new} (all: {found})"
 
 
-# Waits the step test above never meets: per request, a follow-up turn's extend over a
-# radix prefix (`compact` drops the prefix's unmapped logical slots: how many group slots a
-# prefix maps to is data-dependent) and a finished request's free (the same count). On the
-# GPU each is a host-device sync per request, which overlap scheduling cannot hide; to
-# remove (issue 15) with a host-side count of the group slots a radix node holds.
+# Waits the step test above never meets: an extend batch over radix prefixes and a finished
+# request's free. How many group slots the logical slots map to is data (the owners): one
+# read per batch or free (`_compact_batch`), where there was one per request and group. On
+# the GPU each is a host-device sync that overlap scheduling cannot hide; to remove (issue
+# 15) with host-side counts of the group slots a radix node holds (docs/architecture.md).
 KNOWN_WAITS = {
-    "prefix": {"read allocator.py:<listcomp>": 1},  # in `compact`
-    "finish": {"read allocator.py:free": 1},
+    "prefix": {"read allocator.py:_compact_batch": 1},
+    "finish": {"read allocator.py:_compact_batch": 1},
 }
 
 
 def test_a_prefix_hit_and_a_finish_wait_for_the_device_only_at_known_sites(monkeypatch):
-    """A follow-up turn's extend over its radix prefix, then the first turn's request
-    freeing its tail, counted as `test_a_serving_steps_host_device_syncs_are_the_known_ones`
-    counts (tests/host_reads.py `SyncCounter`): any wait beyond `KNOWN_WAITS` fails."""
+    """Follow-up turns of several requests, extended as one batch over their radix
+    prefixes, then a first turn's request freeing its tail, counted as
+    `test_a_serving_steps_host_device_syncs_are_the_known_ones` counts
+    (tests/host_reads.py `SyncCounter`): any wait beyond `KNOWN_WAITS` fails."""
     seed, pair, counter = counted_pair(monkeypatch)
     allocator = pair.allocators[1]
-    first = allocator.alloc(random.randint(20, 40))
-    allocator.begin_extend([1], [first[:0]], [first])
+    rows = [1, 2, 3]
+    firsts = [allocator.alloc(random.randint(20, 40)) for _ in rows]
+    allocator.begin_extend(rows, [f[:0] for f in firsts], firsts)
     counts = {}
     with counter.counting(monkeypatch):
-        counter.mark(first)  # SGLang's radix values live on the device
-        new = allocator.alloc(random.randint(2, 8))
-        allocator.begin_extend([2], [first], [new])
+        counter.mark(*firsts)  # SGLang's radix values live on the device
+        new = [allocator.alloc(random.randint(2, 8)) for _ in rows]
+        allocator.begin_extend([4, 5, 6], firsts, new)
         counts["prefix"], counter.events[:] = by_site(counter.events), []
-        allocator.free(first[-3:])
+        allocator.free(firsts[0][-3:])
         counts["finish"] = by_site(counter.events)
     assert counter.ops > 0, "the counter saw no op: it counted nothing"
-    groups = allocator.pool.num_groups
     for case, found in counts.items():
         waits = {s: n for s, n in found.items() if not s.startswith("staged")}
-        allowed = {site: n * groups for site, n in KNOWN_WAITS[case].items()}
+        allowed = KNOWN_WAITS[case]
         new_waits = {site: n for site, n in waits.items() if n > allowed.get(site, 0)}
         assert not new_waits, f"seed {seed}: new waits in the {case} case: {new_waits} ({waits})"
 

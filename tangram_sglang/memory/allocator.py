@@ -187,11 +187,10 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             self.free_group.append(free_index)
             return
         index = free_index.to(device=self.logical_to_group.device, dtype=torch.int64)
-        mapped = self.logical_to_group[:, index]
+        flat, held = self._compact_batch([index])  # one device read, not one per group
         for g, allocator in enumerate(self.pool.allocators):
-            slots = mapped[g][mapped[g] > 0]
-            if slots.numel():
-                allocator.free(slots)
+            if int(held[g, 0]):
+                allocator.free(flat[g, : int(held[g, 0])])
         self.logical_to_group.index_fill_(1, index, 0)
         self.logical.free(index)
 
@@ -288,8 +287,28 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     def compact(self, logical: torch.Tensor) -> list[torch.Tensor]:
         """Per group, the group slots `logical` maps to, in order (zeros dropped)."""
-        mapped = self.logical_to_group[:, logical.to(self.logical_to_group.device).long()]
-        return [m[m > 0] for m in mapped]
+        flat, held = self._compact_batch([logical])
+        return [flat[g, : int(held[g, 0])] for g in range(self.pool.num_groups)]
+
+    def _compact_batch(self, prefixes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group slots of every prefix at once: per group, the mapped ones of all
+        prefixes in order, first (`[G, P]`, P the prefixes' logical slots; the rest is
+        padding), and how many each prefix holds (host `[G, B]`). How many is data (the
+        owners): one device read for the whole batch, not one per request and group."""
+        G, B = self.pool.num_groups, len(prefixes)
+        device = self.logical_to_group.device
+        sizes = torch.tensor([int(p.numel()) for p in prefixes], dtype=torch.int64)
+        if int(sizes.sum()) == 0:
+            empty = torch.zeros((G, 0), dtype=torch.int64, device=device)
+            return empty, torch.zeros((G, B), dtype=torch.int64)
+        index = torch.cat([p.reshape(-1) for p in prefixes]).to(device).long()
+        mapped = self.logical_to_group[:, index]
+        held = mapped > 0
+        owner = staging.to_device(torch.arange(B).repeat_interleave(sizes), device)
+        counts = torch.zeros((G, B), dtype=torch.int64, device=device)
+        counts.index_add_(1, owner, held.long())
+        order = torch.sort((~held).to(torch.uint8), dim=1, stable=True).indices
+        return mapped.gather(1, order), torch.tensor(counts.tolist(), dtype=torch.int64)
 
     def _set_row(self, row: int, slots: Sequence[torch.Tensor]) -> None:
         width = self.pool.max_context
@@ -374,39 +393,103 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         evict: Evict | None = None,
     ) -> ForwardState:
         """Admit one extend batch: per request, its row from the prefix's group slots, and
-        its new segment's group slots (k_g per group). Returns the forward state it sets."""
+        its new segment's group slots (k_g per group, owned by its last k_g logical slots
+        until the forward moves them). Returns the forward state it sets. A few device ops
+        per group for the whole batch: host work per extend does not grow per request."""
+        rows = [int(r) for r in rows]
         lengths = [int(x.numel()) for x in new]
         kept = [self.kept(n) for n in lengths]
-        needs = [sum(k[g] for k in kept) for g in range(self.pool.num_groups)]
+        G, B = self.pool.num_groups, len(rows)
+        needs = [sum(k[g] for k in kept) for g in range(G)]
         self._ensure_free(needs, evict, "extend")
-        if lengths:
-            self._new_segments(torch.cat(list(new)), lengths)
-        segments = []
-        for row, prefix, logical, n, k in zip(rows, prefixes, new, lengths, kept, strict=True):
-            prefix_slots = self.compact(prefix)
-            index = logical.to(self.logical_to_group.device).long()
-            slots = []
-            for g, count in enumerate(k):
-                got = self.pool.allocators[g].alloc(count)
-                self.logical_to_group[g].index_fill_(0, index, 0)  # no scalar copy
-                self.logical_to_group[g, index[n - count :]] = got
-                slots.append(got)
-            self._set_row(
-                int(row), [torch.cat((p, s)) for p, s in zip(prefix_slots, slots, strict=True)]
-            )
+        if not rows:
+            return ForwardState("extend", ())
+        device = self.logical_to_group.device
+        logical = torch.cat([x.reshape(-1) for x in new]).to(device).long()
+        self._new_segments(logical, lengths)
+        flat, held = self._compact_batch(prefixes)
+        k = torch.tensor(kept, dtype=torch.int64).reshape(B, G).T  # host [G, B]
+        lens = held + k
+        self._check_width(rows, lens)
+        got = [self.pool.allocators[g].alloc(needs[g]) for g in range(G)]
+        staged = self._store_lens(torch.tensor(rows, dtype=torch.int64), lens)
+        tables = self._new_slot_tables(rows, lengths, held, k)
+        for g in range(G):
+            rows_g, cols_g, owner_g = tables[g]
+            self.logical_to_group[g].index_fill_(0, logical, 0)  # no scalar copy
+            self.logical_to_group[g, logical[owner_g]] = got[g].to(self.logical_to_group.dtype)
+            self._write_prefix_block(g, staged[0], flat[g], held[g])
+            self.pool.req_to_slot[g, rows_g, cols_g] = got[g].to(torch.int32)
+        segments, split = [], [got[g].split(k[g].tolist()) for g in range(G)]
+        prefix_lens = held.T.tolist()  # host: no device read
+        for i, (row, logical_i, n) in enumerate(zip(rows, new, lengths, strict=True)):
             segments.append(
                 ExtendSegment(
-                    row=int(row),
+                    row=row,
                     extend_len=n,
-                    compress=any(c < n for c in k),
-                    prefix_lens=tuple(int(p.numel()) for p in prefix_slots),
-                    slots=tuple(slots),
-                    logical=logical,
+                    compress=any(c < n for c in kept[i]),
+                    prefix_lens=tuple(prefix_lens[i]),
+                    slots=tuple(split[g][i] for g in range(G)),
+                    logical=logical_i,
                 )
             )
-        used = torch.tensor(kept, dtype=torch.int64).reshape(len(kept), self.pool.num_groups).T
-        self.budget.consume([int(r) for r in rows], used)
-        return ForwardState("extend", tuple(int(r) for r in rows), tuple(segments))
+        self.budget.consume(rows, k)
+        return ForwardState("extend", tuple(rows), tuple(segments))
+
+    def _check_width(self, rows: Sequence[int], lens: torch.Tensor) -> None:
+        """Refuse rows longer than the request tables (host `lens` `[G, B]`)."""
+        width = self.pool.max_context
+        if lens.numel() == 0 or int(lens.max()) <= width:
+            return
+        g, i = divmod(int(lens.argmax()), lens.shape[1])
+        raise ValueError(
+            f"request row {rows[i]}: group {g} would hold {int(lens[g, i])} slots, more than "
+            f"the pool's max_context {width}"
+        )
+
+    def _new_slot_tables(
+        self, rows: Sequence[int], lengths: Sequence[int], held: torch.Tensor, k: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, where the batch's new group slots go (in request order, as one
+        `alloc` hands them out): their rows and columns in the request tables (after each
+        row's prefix) and their owners' positions in the batch's new logical slots (each
+        segment's last k_g), built on the host and staged in one copy."""
+        G = self.pool.num_groups
+        lens = torch.tensor(list(lengths), dtype=torch.int64)
+        ends = torch.cumsum(lens, 0)
+        host_rows = torch.tensor(list(rows), dtype=torch.int64)
+        parts, sizes = [], []
+        for g in range(G):
+            kg = k[g]
+            within = torch.arange(int(kg.sum())) - (torch.cumsum(kg, 0) - kg).repeat_interleave(kg)
+            parts.append(
+                torch.stack(
+                    (
+                        host_rows.repeat_interleave(kg),
+                        held[g].repeat_interleave(kg) + within,
+                        (ends - kg).repeat_interleave(kg) + within,
+                    )
+                )
+            )
+            sizes.append(int(kg.sum()))
+        staged = staging.to_device(torch.cat(parts, 1), self.pool.device)
+        return [tuple(t) for t in staged.split(sizes, 1)]
+
+    def _write_prefix_block(
+        self, g: int, rows: torch.Tensor, flat: torch.Tensor, held: torch.Tensor
+    ) -> None:
+        """Group g's prefix slots into the head of each row (`rows` on the device, `flat`
+        from `_compact_batch`, host `held` per request): one padded gather and one write;
+        the padding lands past each row's prefix, where its new slots are written next."""
+        width = int(held.max()) if held.numel() else 0
+        if width == 0:
+            return
+        device = flat.device
+        starts = staging.to_device(torch.cumsum(held, 0) - held, device)
+        index = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp_(
+            max=flat.numel() - 1
+        )
+        self.pool.req_to_slot[g, rows, :width] = flat[index].to(torch.int32)
 
     def begin_decode(
         self, rows: Sequence[int], new: torch.Tensor, evict: Evict | None = None
