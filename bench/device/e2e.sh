@@ -28,6 +28,7 @@
 # ACC_RATIOS "0.5 0.25 0.1", ACC_SERVER_RATIOS 0.25, ACC_ARGS: more flags; ~190 s on an H100).
 # Knobs: PHASES ("gputests greedy sessions frontend"), BUDGET_S (570), SESSIONS (200), TURNS (4),
 # FIRST_TOKENS (1024), SYSTEM_TOKENS (256), USER_TOKENS (128), ANSWER_TOKENS (64), CONTEXT (8192), GRAPH_BS (256),
+# ROUNDS (1: the sessions load repeated on each server from an empty cache, median reported),
 # STOCK_BACKEND (triton), EXTRA_TANGRAM_ARGS, SKIP_INSTALL=1, PYTHON (python3), TP_SIZE (1;
 # with MODEL_SHAPE=qwen3-8b on nvidia-h200-x2: PHASES="greedy serve"),
 # ALLOW_MISSES=1 (a load beyond the KV pool: radix misses are reported, not a failure),
@@ -163,7 +164,8 @@ sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check
   check sessions --url "$URL" --out "$OUT/$json" --vocab "$VOCAB" \
     --sessions "${SESSIONS:-200}" --turns "${TURNS:-4}" --first-tokens "${FIRST_TOKENS:-1024}" \
     --user-tokens "${USER_TOKENS:-128}" --answer-tokens "${ANSWER_TOKENS:-64}" \
-    --system-tokens "${SYSTEM_TOKENS:-256}" $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
+    --system-tokens "${SYSTEM_TOKENS:-256}" --rounds "${ROUNDS:-1}" \
+    $([ "${ALLOW_MISSES:-0}" = 1 ] && echo --allow-misses)
   rc=$?
   [ -n "${PROFILE_DIR:-}" ] && wait_traces "$PROFILE_DIR/$name"
   grep -E "tangram: (sessions|[0-9,]+ KV bytes)|max_total_num_tokens|KV Cache is allocated" \
