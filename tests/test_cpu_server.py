@@ -184,6 +184,17 @@ def test_reservations_return_to_zero_when_the_conversation_is_done(transcripts):
         )
 
 
+def test_finished_turns_are_counted_against_the_shape_the_pools_are_split_for(transcripts):
+    """`/server_info` reports the split's planned session shape and the traffic's, from
+    every finished turn (`memory/split_check.py`; aborted requests are not turns)."""
+    seed, _, _, _, _, conversation = transcripts
+    start, held = conversation["start"]["split"], conversation["held"]["split"]
+    assert start["planned"] == held["planned"] and start["planned"].count(",") == 3, seed
+    counted = held["turns"] - start["turns"]
+    assert counted >= len(conversation["turns"]) + 1, f"seed {seed}: {counted} turns counted"
+    assert held["observed"] is not None and held["observed"].count(",") == 3, seed
+
+
 def test_chunked_prefill_never_allocates_beyond_the_reservation(transcripts):
     seed, _, _, _, _, conversation = transcripts
     first_prompt = conversation["turns"][0][0]

@@ -58,6 +58,7 @@ from tangram_sglang.memory.budget import (
 from tangram_sglang.memory.layout import PoolLayout, agreed_pool_slots
 from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
 from tangram_sglang.memory.reservation import BudgetReservation
+from tangram_sglang.memory.split_check import SplitCheck
 from tangram_sglang.offline.profile import Profile
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.seg_pos = torch.zeros(size + 1, dtype=torch.int64, device=device)
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
+        self.split_check: SplitCheck | None = None  # set where the split's shape is known
         self.clear()
 
     # ---- SGLang's allocator interface (logical slots) --------------------------------
@@ -528,6 +530,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "sink": self.rule.sink,
             "window": self.rule.window,
             **self.budget.describe(),
+            "split": self.split_check.describe() if self.split_check else None,
         }
 
     def mapped_counts(self) -> tuple[int, ...]:
@@ -606,11 +609,13 @@ def build_tangram_pools(
     nbytes = torch.empty((), dtype=dtype).element_size()
     budget = full_tokens * layout.full_token_bytes(nbytes)
     rule = BudgetRule(sink=profile.calibration.sink, window=profile.calibration.window)
-    shapes = (workload or serving_workload(max_context)).turn_shapes()
-    demand = session_slots(shapes, layout.ratios, rule)
+    workload = workload or serving_workload(max_context)
+    demand = session_slots(workload.turn_shapes(), layout.ratios, rule)
     slots = agreed_pool_slots(shards, budget, demand, nbytes)
     width = max(1, min(max_context, max(slots)))
     pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
     logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
-    return kv_pool, TangramAllocator(logical, kv_pool, rule)
+    allocator = TangramAllocator(logical, kv_pool, rule)
+    allocator.split_check = SplitCheck(workload, layout.ratios, rule)
+    return kv_pool, allocator
