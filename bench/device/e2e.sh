@@ -235,20 +235,21 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       sessions stock-sessions sessions-stock.json --attention-backend "${STOCK_BACKEND:-triton}"
       SERVER_ENV=() ;;
     parity)  # the load that fits stock's pool, overlap on unless named: each of PARITY_CONFIGS
-      # (stock; stock-eager-prefill: no prefill graphs, what they buy stock; stock-no-overlap:
-      # what overlap scheduling buys stock, the ceiling of a host path that stalls it;
-      # tangram-R; uniform-R)
+      # (stock; stock-eager-prefill: no prefill graphs, what they buy stock; tangram-R;
+      # uniform-R; any of them + "-no-overlap": what overlap scheduling buys it, e.g.
+      # stock-no-overlap, the ceiling of a host path that stalls it)
       prc=0
       for cfg in ${PARITY_CONFIGS:-stock stock-no-overlap tangram-1.0 tangram-0.25}; do
         SERVER_ENV=(SGLANG_PLUGINS=none-stock-sglang)
-        case $cfg in
+        base=${cfg%-no-overlap}  # any configuration + "-no-overlap": overlap scheduling off
+        case $base in
           stock) args=() ;;
           stock-eager-prefill) args=(--disable-prefill-cuda-graph) ;;
-          stock-no-overlap) args=(--disable-overlap-schedule) ;;
-          tangram-*) SERVER_ENV=(); args=("${tangram[@]}" --tangram-ratio "${cfg#tangram-}") ;;
-          uniform-*) SERVER_ENV=(); args=(--kv-compression uniform --tangram-ratio "${cfg#uniform-}") ;;
+          tangram-*) SERVER_ENV=(); args=("${tangram[@]}" --tangram-ratio "${base#tangram-}") ;;
+          uniform-*) SERVER_ENV=(); args=(--kv-compression uniform --tangram-ratio "${base#uniform-}") ;;
           *) say "unknown parity configuration $cfg"; prc=2; continue ;;
         esac
+        [ "$base" != "$cfg" ] && args+=(--disable-overlap-schedule)
         case $cfg in stock*) args+=(--attention-backend "${STOCK_BACKEND:-triton}") ;; esac
         sessions "$cfg" "sessions-parity-$cfg.json" "${args[@]}"; [ "$rc" = 0 ] || prc=$rc
       done
