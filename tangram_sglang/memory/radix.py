@@ -101,17 +101,21 @@ class TangramRadixCache(RadixCache):
         token_ids = req.get_fill_ids()
         kv_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(token_ids)]
         key = RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle)
+        protected, present = req.cache_protected_len, self._present(key)[0]
         if (
             req in self._recompute
             or not self._joins_cleanly(key, kv_indices)
-            or self._adopting_costs_more(key, kv_indices, req.cache_protected_len)
+            or self._adopting_costs_more(key, kv_indices, protected)
         ):
             # Keep the request's own slots; its final insert (cache_finished_req) decides.
             req.prefix_indices = kv_indices.to(dtype=torch.int64, copy=True)
             return
         super().cache_unfinished_req(req, chunked)
-        # The row up to every slot allocated for the request: under overlap scheduling its
-        # next decode token may already be allocated (and appended to its group rows).
+        if present <= protected:
+            return  # the tree took the request's own slots: its row is unchanged
+        # The tree's slots replaced the request's duplicates: its row up to every slot
+        # allocated for it (under overlap scheduling its next decode token may already be
+        # allocated and appended to its group rows).
         row = req.req_pool_idx
         kv = getattr(req, "kv", None)
         allocated = max(len(key), getattr(kv, "kv_allocated_len", 0) or 0)
