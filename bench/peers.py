@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{out}.md").write_text(markdown(record))
 
     running = max(shape.num_users, gsp.max_concurrency) + 8
+    split = serve.split_shape(args, sessions)  # tangram's pools split for the multi-round shape
     for name in serve.config_names(args):
-        with serve.serving(args, name, model, running, work / "logs") as url:
+        with serve.serving(args, name, model, running, work / "logs", split) as url:
             gsp_runs[name] = gsp.run(url, model, work)
             record["sglang_gsp"]["command"] = gsp_runs[name]["command"]
             save()

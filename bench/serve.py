@@ -358,6 +358,13 @@ def add_server_options(ap: argparse.ArgumentParser) -> None:
         help="stock's KV pool in tokens; FP8 configurations get the same bytes",
     )
     ap.add_argument("--server-args", default="", help="extra flags for every server")
+    ap.add_argument(
+        "--split-for",
+        choices=("workload", "default"),
+        default="workload",
+        help="the session shape tangram's head-group pools are split for: the workload's "
+        "mean shape (--tangram-workload) or the server's default",
+    )
     ap.add_argument("--url", help="drive this running server (one configuration)")
     ap.add_argument("--name", default="server", help="the configuration --url serves")
     ap.add_argument("--device", default="CPU (2 cores)", help="recorded in the results")
@@ -468,13 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", nargs="+", help="combine these OUT.json runs (one configuration each)"
     )
     ap.add_argument("--flags", metavar="CONFIG", help="print a configuration's server flags")
-    ap.add_argument(
-        "--split-for",
-        choices=("workload", "default"),
-        default="workload",
-        help="the session shape tangram's head-group pools are split for: the workload's "
-        "mean shape (--tangram-workload) or the server's default",
-    )
     args = ap.parse_args(argv)
     if not args.flags and not args.out:
         ap.error("--out is required")
