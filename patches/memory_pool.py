@@ -66,7 +66,7 @@ def init_pools(
         "answer tokens per turn; the pools are split for them): %d at full KV, %d in the "
         "head-group pools",
         workload.turns,
-        workload.context,
+        workload.context + workload.user_tokens,
         workload.user_tokens,
         workload.answer_tokens,
         full,

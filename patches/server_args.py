@@ -92,9 +92,11 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tangram-workload",
         metavar="CONTEXT,TURNS,USER,ANSWER",
-        help="Session shape the head-group pools are split for: first prompt tokens, turns, "
-        "user and answer tokens per turn (default: a 4-turn chat whose first prompt is half "
-        "the context, at most 8192 tokens, 256 user + 256 answer tokens per turn).",
+        help="Session shape the head-group pools are split for: context tokens (the first "
+        "prompt is the context plus one turn's user tokens), turns, user and answer tokens "
+        "per turn (default: a 4-turn chat whose context is half the context length, at most "
+        "8192 tokens, 256 user + 256 answer tokens per turn). The server logs the shape its "
+        "traffic has when the groups fill unevenly.",
     )
     group.add_argument(
         "--tangram-kernels",

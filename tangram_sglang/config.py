@@ -100,7 +100,7 @@ class TangramConfig:
         if len(values) != len(WORKLOAD_FIELDS) or min(values) < 1:
             raise ConfigError(
                 f"--tangram-workload {self.workload!r} must be CONTEXT,TURNS,USER,ANSWER: four "
-                "positive token/turn counts (first prompt, turns, user and answer tokens per "
+                "positive token/turn counts (context, turns, user and answer tokens per "
                 "turn), e.g. 4096,4,256,256"
             )
         return Workload(**dict(zip(WORKLOAD_FIELDS, values, strict=True)))
