@@ -6,8 +6,11 @@ memory (a logical slot holds no bytes). The hook reports instead the real share 
 in use: group slots neither free nor evictable, weighted by each group's bytes per slot.
 With `--enable-metrics` it also sets Tangram's own series on SGLang's Prometheus endpoint
 (`prometheus_client`, which SGLang's multiprocess collector exports): per head group
-`tangram:group_{free,reserved,evictable,overdrawn}_slots`, and the counters
-`tangram:{never_fit,recomputed_prefix,retraction,stale,settle_refused}_total`.
+`tangram:group_{free,reserved,evictable,overdrawn}_slots`, the counters
+`tangram:{never_fit,recomputed_prefix,retraction,stale,settle_refused}_total`, and
+`tangram:group_split_fill`: per group, the finished turns' slot demand over the planned
+split's, mean 1 (`memory/split_check.py`; groups far apart: the traffic has another shape
+than `--tangram-workload`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ class TangramMetrics:
         for counter in self.counters.values():
             counter.labels(**labels)  # exported at 0 before the first event
         self.seen = dict.fromkeys(self.counters, 0)
+        self.split_fill = Gauge(
+            "tangram:group_split_fill",
+            "Finished turns' slot demand over the planned split's per head group, mean 1 "
+            "(tangram-sglang): groups apart mean another session shape than planned.",
+            labelnames=names,
+            multiprocess_mode="mostrecent",
+        )
 
     def update(self, allocator: TangramAllocator, evictable: tuple[int, ...]) -> None:
         budget = allocator.budget
@@ -79,6 +89,10 @@ class TangramMetrics:
         for name, per_group in values.items():
             for g, value in enumerate(per_group):
                 self.gauges[name].labels(**self.labels, group=str(g)).set(value)
+        check = allocator.split_check
+        if check is not None and check.turns:
+            for g, value in enumerate(check.fill()):
+                self.split_fill.labels(**self.labels, group=str(g)).set(value)
         for event, counter in self.counters.items():
             count = budget.events[event]
             if count > self.seen[event]:

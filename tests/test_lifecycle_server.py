@@ -188,6 +188,14 @@ def test_metrics_show_every_group_and_token_usage_is_the_kv_share(servers):
             f"/metrics has tangram:group_{name}_slots for groups {sorted(found)} of {groups}"
         )
     assert re.search(r"^tangram:never_fit_total", metrics, re.M), "no never-fit counter"
+    # The split gauge follows finished turns: the next request's stats publish the first's.
+    server.generate(_ids(random.Random(seed + 1), 30), 4)
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    split = r'^tangram:group_split_fill\{[^}]*group="\d+"[^}]*\} ([0-9.e+-]+)'
+    fill = re.findall(split, metrics, re.M)
+    assert len(fill) == groups and abs(sum(map(float, fill)) / groups - 1) < 1e-6, (
+        f"seed {seed}: tangram:group_split_fill {fill} (one per group, mean 1)"
+    )
     usage = [float(u) for u in re.findall(r"token usage: ([0-9.]+)", server.log())]
     assert usage and usage[-1] < 0.2, (
         f"seed {seed}: SGLang logged token usage {usage[-3:]} for one 30-token request on a "
