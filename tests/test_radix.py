@@ -7,6 +7,7 @@ Drives the real `RadixCache` machinery (match, split, insert, lock, evict, and t
 
 from __future__ import annotations
 
+import collections
 import random
 from types import SimpleNamespace
 
@@ -372,3 +373,56 @@ def test_the_start_up_self_test_passes_and_names_a_drifting_or_missing_override(
     assert any(
         "dec_lock_ref takes (self, node, params, extra)" in p for p in radix.override_problems()
     )
+
+
+# What caching a turn reads from the device (on the GPU each is a sync, which overlap
+# scheduling cannot hide): where the request's segment starts (`starts_segment` in the
+# clean-join check reads a slot, then its position) and how many group slots a new leaf or
+# a split node's head holds (`group_counts`). To remove with host-side counts
+# (docs/architecture.md, host work per step); a new read fails here.
+RADIX_WAITS = {
+    "insert": {"read allocator.py:starts_segment": 2, "read allocator.py:group_counts": 1},
+    "split": {"read allocator.py:group_counts": 1},
+    "evict": {"read allocator.py:_compact_batch": 1},
+}
+
+
+def test_caching_a_turn_reads_the_device_only_at_known_sites(monkeypatch):
+    """Insert a compressed turn, split it by a match inside it, evict a leaf: the device
+    reads of each, counted as tests/host_reads.py `SyncCounter` counts (which tensors would
+    live on the GPU)."""
+    from host_reads import SyncCounter
+
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    counter = SyncCounter()
+    counter.mark(
+        allocator.logical_to_group,
+        allocator.seg_pos,
+        allocator.logical.free_pages,
+        *(a.free_pages for a in allocator.pool.allocators),
+        cache.req_to_token_pool.req_to_token,
+    )
+    tokens = [rng.randrange(VOCAB) for _ in range(rng.randint(30, 60))]
+    counts = {}
+    with counter.counting(monkeypatch):
+        values = allocator.alloc(len(tokens))
+        counter.mark(values)
+        allocator.begin_extend([1], [values[:0]], [values])
+        counter.events.clear()
+        cache.insert(InsertParams(key=RadixKey(tokens), value=values))
+        counts["insert"], counter.events[:] = by_site(counter.events), []
+        match(cache, tokens[: rng.randint(5, len(tokens) - 5)])
+        counts["split"], counter.events[:] = by_site(counter.events), []
+        cache.evict(EvictParams(num_tokens=1))
+        counts["evict"] = by_site(counter.events)
+    assert counter.ops > 0, "the counter saw no op: it counted nothing"
+    for case, found in counts.items():
+        waits = {s: n for s, n in found.items() if not s.startswith("staged")}
+        new = {s: n for s, n in waits.items() if n > RADIX_WAITS[case].get(s, 0)}
+        assert not new, f"seed {seed}: new device reads when the tree does {case}: {new} ({waits})"
+
+
+def by_site(events) -> dict[str, int]:
+    return dict(collections.Counter(f"{kind} {where}" for kind, where in events))
