@@ -66,6 +66,12 @@ logger = logging.getLogger(__name__)
 Evict = Callable[[int], None]  # evict this many logical tokens from the radix tree
 
 
+def positions_within(lens: torch.Tensor) -> torch.Tensor:
+    """For runs of host lengths `lens` laid end to end, each element's position in its run
+    (`[3, 2]` -> `[0, 1, 2, 0, 1]`)."""
+    return torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+
+
 @dataclass(frozen=True)
 class ExtendSegment:
     """One request's new segment in an extend forward.
@@ -221,9 +227,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     def _new_segments(self, logical: torch.Tensor, lengths: Sequence[int]) -> None:
         """Record consecutive segments of `lengths` over `logical` (concatenated)."""
-        lens = torch.as_tensor(list(lengths), dtype=torch.int64)
-        starts = torch.cumsum(lens, 0) - lens
-        positions = torch.arange(int(lens.sum())) - starts.repeat_interleave(lens)
+        positions = positions_within(torch.as_tensor(list(lengths), dtype=torch.int64))
         index = logical.to(device=self.seg_pos.device, dtype=torch.int64)
         self.seg_pos[index] = staging.to_device(positions, self.seg_pos.device)
 
@@ -265,9 +269,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             if int(kept.max()) > width:
                 raise ValueError(f"assign_owners: group {g} keeps {int(kept.max())} > {width}")
             lens = torch.tensor([segments[i].extend_len for i in picked])
-            first = torch.cumsum(kept, 0) - kept
-            within = torch.arange(int(kept.sum())) - first.repeat_interleave(kept)
-            cell = torch.tensor(picked).repeat_interleave(kept) * width + within
+            cell = torch.tensor(picked).repeat_interleave(kept) * width + positions_within(kept)
             base = (torch.cumsum(lens, 0) - lens).repeat_interleave(kept)
             cell, base = staging.to_device(torch.stack((cell, base)), device)
             logical = torch.cat([segments[i].logical for i in picked]).to(device).long()
@@ -312,18 +314,6 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         order = torch.sort((~held).to(torch.uint8), dim=1, stable=True).indices
         return mapped.gather(1, order), torch.tensor(counts.tolist(), dtype=torch.int64)
 
-    def _set_row(self, row: int, slots: Sequence[torch.Tensor]) -> None:
-        width = self.pool.max_context
-        for g, s in enumerate(slots):
-            if s.numel() > width:
-                raise ValueError(
-                    f"request row {row}: group {g} would hold {s.numel()} slots, more than the "
-                    f"pool's max_context {width}"
-                )
-            self.pool.req_to_slot[g, row, : s.numel()] = s.to(torch.int32)
-        lens = torch.tensor([[s.numel()] for s in slots], dtype=torch.int64)
-        self._store_lens(torch.tensor([row]), lens)
-
     def _store_lens(self, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """The one place a row's group lengths change: the host copy (scheduling decisions)
         and the pool's device table (what the kernels read), through one staged copy of
@@ -335,7 +325,10 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     def rebuild_row(self, row: int, logical: torch.Tensor) -> None:
         """Point request row `row` at the group slots of its logical slots `logical`."""
-        self._set_row(row, self.compact(logical))
+        flat, held = self._compact_batch([logical])
+        self._check_width([row], held)
+        staged = self._store_lens(torch.tensor([row]), held)
+        self._write_prefix_blocks(staged[0], flat, held)
 
     def release_row(self, row: int) -> None:
         """A released request no longer reads its row; the slots stay with the tree, and
@@ -416,11 +409,11 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         got = [self.pool.allocators[g].alloc(needs[g]) for g in range(G)]
         staged = self._store_lens(torch.tensor(rows, dtype=torch.int64), lens)
         tables = self._new_slot_tables(rows, lengths, held, k)
+        self._write_prefix_blocks(staged[0], flat, held)  # before the new slots behind them
         for g in range(G):
             rows_g, cols_g, owner_g = tables[g]
             self.logical_to_group[g].index_fill_(0, logical, 0)  # no scalar copy
             self.logical_to_group[g, logical[owner_g]] = got[g].to(self.logical_to_group.dtype)
-            self._write_prefix_block(g, staged[0], flat[g], held[g])
             self.pool.req_to_slot[g, rows_g, cols_g] = got[g].to(torch.int32)
         segments, split = [], [got[g].split(k[g].tolist()) for g in range(G)]
         prefix_lens = held.T.tolist()  # host: no device read
@@ -463,7 +456,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         parts, sizes = [], []
         for g in range(G):
             kg = k[g]
-            within = torch.arange(int(kg.sum())) - (torch.cumsum(kg, 0) - kg).repeat_interleave(kg)
+            within = positions_within(kg)
             parts.append(
                 torch.stack(
                     (
@@ -477,21 +470,23 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         staged = staging.to_device(torch.cat(parts, 1), self.pool.device)
         return [tuple(t) for t in staged.split(sizes, 1)]
 
-    def _write_prefix_block(
-        self, g: int, rows: torch.Tensor, flat: torch.Tensor, held: torch.Tensor
+    def _write_prefix_blocks(
+        self, rows: torch.Tensor, flat: torch.Tensor, held: torch.Tensor
     ) -> None:
-        """Group g's prefix slots into the head of each row (`rows` on the device, `flat`
-        from `_compact_batch`, host `held` per request): one padded gather and one write;
-        the padding lands past each row's prefix, where its new slots are written next."""
-        width = int(held.max()) if held.numel() else 0
-        if width == 0:
+        """Each group's prefix slots into the head of each row (`rows` on the device, `flat`
+        and host `held` `[G, B]` from `_compact_batch`): one staged copy of where each
+        prefix starts in `flat`, then per group one padded gather and one write; the padding
+        lands past each row's prefix, where its new slots are written next."""
+        if held.numel() == 0 or int(held.max()) == 0:
             return
-        device = flat.device
-        starts = staging.to_device(torch.cumsum(held, 0) - held, device)
-        index = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp_(
-            max=flat.numel() - 1
-        )
-        self.pool.req_to_slot[g, rows, :width] = flat[index].to(torch.int32)
+        starts = staging.to_device(torch.cumsum(held, 1) - held, flat.device)
+        for g in range(self.pool.num_groups):
+            width = int(held[g].max())
+            if width == 0:
+                continue
+            index = starts[g][:, None] + torch.arange(width, device=flat.device)[None, :]
+            index.clamp_(max=flat.shape[1] - 1)
+            self.pool.req_to_slot[g, rows, :width] = flat[g][index].to(torch.int32)
 
     def begin_decode(
         self, rows: Sequence[int], new: torch.Tensor, evict: Evict | None = None
