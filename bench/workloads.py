@@ -27,6 +27,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tangram_sglang.memory.budget import Workload
+
 KINDS = ("shared-context", "chat", "agent")
 
 
@@ -149,8 +151,12 @@ def pool_shape(sessions: list[Session]) -> str:
     user = sum(follow) / len(follow) if follow else 0.0
     answers = [t.max_tokens for s in sessions for t in s.turns]
     turns = sum(len(s.turns) for s in sessions) / len(sessions)
-    shape = (max(1.0, first - user), max(1.0, turns), user, sum(answers) / len(answers))
-    return ",".join(str(round(x)) for x in shape)
+    return Workload(
+        context=round(max(1.0, first - user)),
+        turns=round(max(1.0, turns)),
+        user_tokens=round(user),
+        answer_tokens=round(sum(answers) / len(answers)),
+    ).flag()
 
 
 def save(sessions: list[Session], path: str | Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from tangram_sglang.memory.budget import BudgetRule, Workload
-from tangram_sglang.memory.split_check import SplitCheck, workload_flag
+from tangram_sglang.memory.split_check import SplitCheck
 
 RULE = BudgetRule(sink=4, window=32)
 
@@ -35,7 +35,7 @@ def test_the_planned_shape_passes_silently():
     assert play(check, planned, 100) == []
     assert check.imbalance() < 1.001
     assert check.observed() == planned
-    assert check.describe()["planned"] == check.describe()["observed"] == workload_flag(planned)
+    assert check.describe()["planned"] == check.describe()["observed"] == planned.flag()
 
 
 def test_another_shape_is_named_and_its_split_would_fit_it():
@@ -50,7 +50,7 @@ def test_another_shape_is_named_and_its_split_would_fit_it():
     assert lines, f"seed {seed}: no report for {traffic} on a split for {planned}"
     tight = max(range(len(r)), key=check.fill().__getitem__)
     assert f"fills head group {tight} " in lines[-1]
-    assert f"--tangram-workload {workload_flag(check.observed())}" in lines[-1]
+    assert f"--tangram-workload {check.observed().flag()}" in lines[-1]
     assert check.observed() == traffic, seed
     # Split for the named shape, the same traffic fills the groups together.
     refit = SplitCheck(check.observed(), r, RULE, first_report=32)

@@ -108,6 +108,10 @@ class Workload:
     def raw_tokens(self) -> int:
         return sum(n + a for n, a in self.turn_shapes())
 
+    def flag(self) -> str:
+        """As the value of `--tangram-workload` (CONTEXT,TURNS,USER,ANSWER)."""
+        return f"{self.context},{self.turns},{self.user_tokens},{self.answer_tokens}"
+
 
 def serving_workload(max_context: int) -> Workload:
     """The session shape a server's pools are split for (and its start-up log counts): a

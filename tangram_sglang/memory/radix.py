@@ -101,11 +101,11 @@ class TangramRadixCache(RadixCache):
         token_ids = req.get_fill_ids()
         kv_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(token_ids)]
         key = RadixKey(token_ids, req.extra_key, is_bigram=self.is_eagle)
-        protected, present = req.cache_protected_len, self._present(key)[0]
+        protected, (present, tree_values) = req.cache_protected_len, self._present(key)
         if (
             req in self._recompute
-            or not self._joins_cleanly(key, kv_indices)
-            or self._adopting_costs_more(key, kv_indices, protected)
+            or not self.allocator.starts_segment(kv_indices[: len(key)], present)
+            or self._adopting_costs_more(kv_indices, protected, present, tree_values)
         ):
             # Keep the request's own slots; its final insert (cache_finished_req) decides.
             req.prefix_indices = kv_indices.to(dtype=torch.int64, copy=True)
@@ -150,9 +150,7 @@ class TangramRadixCache(RadixCache):
         G = self.allocator.pool.num_groups
         if not values:
             return (0,) * G
-        index = torch.cat(values).to(self.allocator.logical_to_group.device).long()
-        counts = (self.allocator.logical_to_group[:, index] > 0).sum(1)
-        return tuple(int(x) for x in counts.tolist())
+        return tuple(int(x) for x in self.allocator.group_counts(torch.cat(values)).tolist())
 
     # ---- the incremental evictable count: SGLang's tree edits, plus the group slots ----
 
@@ -223,15 +221,16 @@ class TangramRadixCache(RadixCache):
         """Whether `value` starts one of its segments where the tree's present prefix of
         `key` ends (any prefix of the tree's values is valid; the request's rest must not
         begin inside one of its own compressed segments)."""
-        present = self._present(key)[0]
-        return self.allocator.starts_segment(value[: len(key)], present)
+        return self.allocator.starts_segment(value[: len(key)], self._present(key)[0])
 
-    def _adopting_costs_more(self, key: RadixKey, value: torch.Tensor, protected: int) -> bool:
-        """Whether the tree's slots for `key[protected:]`, which adopting would lock, hold
-        more group slots in some group than the request's own there, which it would free
-        (another request cached the same tokens segmented differently, e.g. decoded one by
-        one). Adopting then would shrink the room admission promised to others."""
-        present, tree_values = self._present(key)
+    def _adopting_costs_more(
+        self, value: torch.Tensor, protected: int, present: int, tree_values: torch.Tensor
+    ) -> bool:
+        """Whether the tree's slots for the key's `[protected, present)` (`tree_values`, its
+        present prefix), which adopting would lock, hold more group slots in some group than
+        the request's own there, which it would free (another request cached the same tokens
+        segmented differently, e.g. decoded one by one). Adopting then would shrink the room
+        admission promised to others."""
         if present <= protected:
             return False
         theirs = self.allocator.group_counts(tree_values[protected:present])

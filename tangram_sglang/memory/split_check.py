@@ -24,11 +24,6 @@ from typing import Any
 from tangram_sglang.memory.budget import BudgetRule, Workload, reserve_turn, session_slots
 
 
-def workload_flag(workload: Workload) -> str:
-    """`workload` as the value of `--tangram-workload` (CONTEXT,TURNS,USER,ANSWER)."""
-    return f"{workload.context},{workload.turns},{workload.user_tokens},{workload.answer_tokens}"
-
-
 class SplitCheck:
     """The released turns' per-group slot demand against the planned split."""
 
@@ -108,8 +103,8 @@ class SplitCheck:
         return (
             f"tangram: over {self.turns} turns the traffic fills head group {tight} "
             f"{imbalance:.2f}x as fast as group {loose} for their slots: the pools are split "
-            f"for sessions of --tangram-workload {workload_flag(self.planned)}, the traffic "
-            f"looks like --tangram-workload {workload_flag(self.observed())}; restart with "
+            f"for sessions of --tangram-workload {self.planned.flag()}, the traffic "
+            f"looks like --tangram-workload {self.observed().flag()}; restart with "
             "it so that the groups run out together"
         )
 
@@ -117,8 +112,8 @@ class SplitCheck:
         """For /server_info: the planned and observed shapes and how far apart they are."""
         imbalance = self.imbalance() if self.turns else 1.0
         return {
-            "planned": workload_flag(self.planned),
-            "observed": workload_flag(self.observed()) if self.turns else None,
+            "planned": self.planned.flag(),
+            "observed": self.observed().flag() if self.turns else None,
             "turns": self.turns,
             "imbalance": round(imbalance, 3) if math.isfinite(imbalance) else None,
         }
