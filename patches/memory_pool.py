@@ -56,6 +56,7 @@ def init_pools(
         workload=workload,
         tp_rank=tp_rank,
         tp_size=tp_size,
+        fusion=config.fusion_threshold,
     )
     pool = kv_pool.pool
     full, tangram = serving_sessions(

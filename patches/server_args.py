@@ -72,7 +72,9 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         choices=MODES,
         default="none",
         help="none: stock SGLang. tangram: per-head budgets from --tangram-profile. "
-        "uniform: one ratio (--tangram-ratio) for every head, same machinery (baseline).",
+        "uniform: one ratio (--tangram-ratio) for every head, same machinery (baseline). "
+        "fastfusion: every token kept; near-identical 16-token blocks of a batch's requests "
+        "stored once (Fast Fusion at --tangram-fusion, default 0.95).",
     )
     group.add_argument(
         "--tangram-profile", help="Profile YAML calibrated for this model (tangram mode)."
@@ -105,6 +107,23 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         "ahead-of-time splits; extend on Triton), torch (default elsewhere). "
         "TANGRAM_BACKEND_KERNELS sets the same.",
     )
+    group.add_argument(
+        "--tangram-fusion",
+        type=_fusion_flag,
+        metavar="TAU",
+        help="Fast Fusion: after each prefill batch, a 16-token block of new KV whose K and V "
+        "keep cosine >= TAU (and a norm ratio within [TAU, 1/TAU]) to an earlier request's "
+        "block in every layer of its head group reads that block and frees its own slots. "
+        "1.0 shares only bit-identical blocks (lossless). With --kv-compression tangram or "
+        "uniform; fastfusion's default is 0.95.",
+    )
+
+
+def _fusion_flag(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number in (0, 1]") from None
 
 
 def unsupported(args: Any) -> list[str]:
@@ -129,6 +148,12 @@ def unsupported(args: Any) -> list[str]:
             found.append("FP8 KV with --tangram-kernels flashinfer (the Triton kernels read FP8)")
         if args.dtype in ("float32", "float"):
             found.append("--dtype float32 with --tangram-kernels flashinfer (no fp32 FlashInfer)")
+    fusion = getattr(args, "tangram_fusion", None) is not None
+    if (fusion or getattr(args, "kv_compression", None) == "fastfusion") and args.tp_size > 1:
+        found.append(
+            f"Fast Fusion with tensor parallelism (--tp-size {args.tp_size}: each rank would "
+            "fuse its own heads differently, and the ranks' pools must agree)"
+        )
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")
     if args.enable_dp_attention:
@@ -216,7 +241,8 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
     server_args.override(SOURCE, **config.server_args_fields())
     logger.info(
         "tangram: --kv-compression %s, %d head group(s) at ratios %s holding %.3f of full KV "
-        "per compressed token (the profile as calibrated at base ratio %s holds %.3f), method %s",
+        "per compressed token (the profile as calibrated at base ratio %s holds %.3f), method "
+        "%s, Fast Fusion %s",
         config.mode,
         profile.num_groups,
         [round(r, 4) for r in profile.group_ratios(config.ratio)],
@@ -224,6 +250,7 @@ def from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         profile.calibration.base_ratio,
         profile.held_ratio,
         config.scorer_method(profile),
+        "off" if config.fusion_threshold is None else f"at {config.fusion_threshold}",
     )
     return server_args
 

@@ -1,4 +1,4 @@
-"""Tangram's serving settings: the six CLI flags as one value, checked once at start-up.
+"""Tangram's serving settings: the seven CLI flags as one value, checked once at start-up.
 
 The flags reach every SGLang process as attributes of its `ServerArgs` (see
 `tangram_sglang.patches.server_args`); `TangramConfig.from_server_args` reads them back in
@@ -21,7 +21,8 @@ from tangram_sglang.memory.budget import Workload, serving_workload
 from tangram_sglang.memory.layout import rank_heads
 from tangram_sglang.offline.profile import ModelIdentity, Profile, ProfileError, uniform_profile
 
-MODES = ("none", "tangram", "uniform")
+MODES = ("none", "tangram", "uniform", "fastfusion")
+DEFAULT_FUSION = 0.95  # --kv-compression fastfusion without --tangram-fusion (see fusion/serving)
 # Attention kernels of the tangram backend: Triton (decode, extend, K/V writes), FlashInfer
 # decode with ahead-of-time splits (extend and writes on Triton), or the torch path (CPU).
 KERNEL_CHOICES = ("triton", "flashinfer", "torch")
@@ -35,6 +36,7 @@ FLAGS = {
     "method": "--tangram-method",
     "workload": "--tangram-workload",
     "kernels": "--tangram-kernels",
+    "fusion": "--tangram-fusion",
 }
 ATTRIBUTES = {
     "mode": "kv_compression",
@@ -43,6 +45,7 @@ ATTRIBUTES = {
     "method": "tangram_method",
     "workload": "tangram_workload",
     "kernels": "tangram_kernels",
+    "fusion": "tangram_fusion",
 }
 WORKLOAD_FIELDS = ("context", "turns", "user_tokens", "answer_tokens")
 
@@ -53,8 +56,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TangramConfig:
-    """`mode` none (SGLang untouched), tangram (calibrated per-head profile) or uniform
-    (one ratio for every head on the same machinery: the fair baseline)."""
+    """`mode` none (SGLang untouched), tangram (calibrated per-head profile), uniform
+    (one ratio for every head on the same machinery: the fair baseline) or fastfusion
+    (every token kept, near-identical blocks of a batch's requests stored once); `fusion`
+    adds Fast Fusion at that threshold to tangram or uniform."""
 
     mode: str = "none"
     profile: str | None = None
@@ -62,10 +67,18 @@ class TangramConfig:
     method: str | None = None
     workload: str | None = None
     kernels: str | None = None
+    fusion: float | None = None
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def fusion_threshold(self) -> float | None:
+        """The Fast Fusion threshold served with (None: no fusion)."""
+        if self.fusion is not None:
+            return float(self.fusion)
+        return DEFAULT_FUSION if self.mode == "fastfusion" else None
 
     @classmethod
     def from_server_args(cls, args: Any) -> TangramConfig:
@@ -121,6 +134,8 @@ class TangramConfig:
         model = ModelIdentity.from_model_path(model_path)
         if self.mode == "uniform":
             return uniform_profile(model, self.ratio)
+        if self.mode == "fastfusion":
+            return uniform_profile(model, 1.0)
         try:
             profile = Profile.load(self.profile)
         except ProfileError as exc:
@@ -139,8 +154,8 @@ class TangramConfig:
         if not self.enabled:
             stray = [
                 FLAGS[f]
-                for f in ("profile", "ratio", "method", "workload", "kernels")
-                if getattr(self, f)
+                for f in ("profile", "ratio", "method", "workload", "kernels", "fusion")
+                if getattr(self, f) is not None
             ]
             if stray:
                 raise ConfigError(
@@ -164,6 +179,21 @@ class TangramConfig:
         if self.kernels is not None and self.kernels not in KERNEL_CHOICES:
             raise ConfigError(
                 f"--tangram-kernels {self.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
+            )
+        if self.fusion is not None and (
+            isinstance(self.fusion, bool)
+            or not isinstance(self.fusion, (int, float))
+            or math.isnan(self.fusion)
+            or not 0.0 < self.fusion <= 1.0
+        ):
+            raise ConfigError(
+                f"--tangram-fusion {self.fusion!r} is outside (0, 1]: the cosine a fused block "
+                "keeps to the block it reads (1.0: only bit-identical blocks)"
+            )
+        if self.mode == "fastfusion" and (self.profile or self.ratio is not None):
+            raise ConfigError(
+                "--kv-compression fastfusion keeps every token: remove --tangram-profile and "
+                "--tangram-ratio, or use --kv-compression tangram --tangram-fusion TAU"
             )
         if self.mode == "tangram" and not self.profile:
             raise ConfigError("--kv-compression tangram needs --tangram-profile FILE")

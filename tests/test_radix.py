@@ -19,7 +19,12 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from test_allocator import make_allocator, random_selections, record_owners
 
 from tangram_sglang.attention.backend import KeptOwners
+from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
+from tangram_sglang.memory.budget import BudgetRule
+from tangram_sglang.memory.layout import PoolLayout
+from tangram_sglang.memory.pool import RaggedPool
 from tangram_sglang.memory.radix import TangramRadixCache
+from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
 VOCAB = 50
 
@@ -426,3 +431,37 @@ def test_caching_a_turn_reads_the_device_only_at_known_sites(monkeypatch):
 
 def by_site(events) -> dict[str, int]:
     return dict(collections.Counter(f"{kind} {where}" for kind, where in events))
+
+
+def test_requests_prefilled_together_keep_their_own_tails_where_nothing_was_compressed():
+    """Two requests sharing a prefix, prefilled in one batch at ratio 1.0 (segments keep
+    every token): whichever finishes second keeps its own tail in the tree, as stock
+    SGLang does; only a compressed segment cut by the tree's end is given up."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    model = ModelIdentity("test", 2, 8, 4, 4, f"u{seed}")
+    pool = RaggedPool(
+        PoolLayout.from_profile(uniform_profile(model, 1.0)), [600], torch.float32, "cpu", 8, 256
+    )
+    allocator = TangramAllocator(800, TangramKVPool(pool, 800), BudgetRule(sink=2, window=3))
+    params = CacheInitParams(
+        disable=False,
+        req_to_token_pool=ReqToTokenPool(8, 256, "cpu", False),
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+    )
+    cache = TangramRadixCache(params)
+    shared = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 30))]
+    tails = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 30))] for _ in range(2)]
+    tails[1][0] = (tails[0][0] + 1) % VOCAB  # the two part right after the shared prefix
+    keys = [shared + tail for tail in tails]
+    new = [allocator.alloc(len(k)) for k in keys]
+    allocator.begin_extend([1, 2], [x[:0] for x in new], new)
+    for row, (key, values) in enumerate(zip(keys, new, strict=True), start=1):
+        result = cache.insert(InsertParams(key=RadixKey(key), value=values))
+        allocator.free(values[: result.prefix_len])  # SGLang frees the duplicates
+        allocator.release_row(row)
+    for key in keys:
+        held = match(cache, key).device_indices.numel()
+        assert held == len(key), f"seed {seed}: the tree holds {held} of a {len(key)}-token key"
+    assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"

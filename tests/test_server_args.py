@@ -19,7 +19,7 @@ import pytest
 
 from tangram_sglang import plugin
 from tangram_sglang.compress import SCORERS
-from tangram_sglang.config import ConfigError, TangramConfig, model_conflicts
+from tangram_sglang.config import DEFAULT_FUSION, ConfigError, TangramConfig, model_conflicts
 from tangram_sglang.memory.budget import serving_workload
 from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
@@ -113,6 +113,23 @@ def test_the_pools_are_split_for_the_given_session_shape(model_dir):
     assert (got.context, got.turns, got.user_tokens, got.answer_tokens) == tuple(shape), got
     default = TangramConfig.from_server_args(parse(_base(model_dir) + flags))
     assert default.serving_workload(8192) == serving_workload(8192), "default shape changed"
+
+
+def test_fusion_is_stored_and_fastfusion_keeps_every_token(model_dir):
+    tau = round(random.uniform(0.5, 1.0), 4)
+    flags = ["--kv-compression", "uniform", "--tangram-ratio", "0.5", "--tangram-fusion", str(tau)]
+    config = TangramConfig.from_server_args(parse(_base(model_dir) + flags))
+    assert config.fusion_threshold == tau, f"--tangram-fusion {tau} not stored: {config}"
+    fast = TangramConfig.from_server_args(
+        parse(_base(model_dir) + ["--kv-compression", "fastfusion"])
+    )
+    assert fast.fusion_threshold == DEFAULT_FUSION and fast.validate(model_dir).group_ratios() == (
+        1.0,
+    )
+    plain = TangramConfig.from_server_args(
+        parse(_base(model_dir) + ["--kv-compression", "uniform", "--tangram-ratio", "0.5"])
+    )
+    assert plain.fusion_threshold is None
 
 
 def test_uniform_mode_needs_no_profile(model_dir):
@@ -249,6 +266,19 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
         (["--tangram-ratio", "0.5"], "--tangram-ratio given without --kv-compression"),
         (["--tangram-profile", "p.yaml"], "--tangram-profile given without --kv-compression"),
         (["--tangram-workload", "9,9,9,9"], "--tangram-workload given without --kv-compression"),
+        (["--tangram-fusion", "0.9"], "--tangram-fusion given without --kv-compression"),
+        (
+            ["--kv-compression", "fastfusion", "--tangram-ratio", "0.5"],
+            "--kv-compression fastfusion keeps every token",
+        ),
+        (
+            ["--kv-compression", "uniform", "--tangram-ratio", "0.5", "--tangram-fusion", "1.5"],
+            "--tangram-fusion 1.5 is outside (0, 1]",
+        ),
+        (
+            ["--kv-compression", "fastfusion", "--tp-size", "2"],
+            "Fast Fusion with tensor parallelism (--tp-size 2",
+        ),
     ],
     ids=[
         "tangram-no-profile",
@@ -257,6 +287,10 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
         "stray-ratio",
         "stray-profile",
         "stray-workload",
+        "stray-fusion",
+        "fastfusion-with-ratio",
+        "fusion-out-of-range",
+        "fusion-with-tp",
     ],
 )
 def test_missing_or_stray_flag_is_refused(model_dir, flags, message):

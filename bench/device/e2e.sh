@@ -226,6 +226,30 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=()
       greedy_pair flashinfer --attention-backend flashinfer \
         -- --tangram-kernels flashinfer --max-running-requests 64 ;;
+    fusion)  # --kv-compression fastfusion at 1.0 against stock, fp32 as the greedy phase, with
+      # one prompt sent 3 times in one batch: stored once (slots given back), stock's tokens
+      SERVER_ENV=(TRITON_F32_DEFAULT=ieee)
+      [ "$DEVICE" = cpu ] || SERVER_ENV+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
+      f=(greedy --vocab "$VOCAB" --seed 11 --prompts 2 --max-prompt 512 --new-tokens 32 --duplicates)
+      rc=1
+      SERVER_ENV+=(SGLANG_PLUGINS=none-stock-sglang)
+      if serve stock-fusion "$MODEL" --skip-tokenizer-init --dtype float32 \
+          --attention-backend "${STOCK_BACKEND:-triton}" --disable-decode-cuda-graph \
+          --disable-prefill-cuda-graph; then
+        check "${f[@]}" --url "$URL" --out "$OUT/greedy-stock-fusion.json"
+        halt stock-fusion
+        unset 'SERVER_ENV[-1]'
+        if serve fastfusion-1.0 "$MODEL" --skip-tokenizer-init --dtype float32 \
+            --kv-compression fastfusion --tangram-fusion 1.0 --max-running-requests 64 \
+            --cuda-graph-max-bs-decode 8; then
+          check "${f[@]}" --expect-fusion --url "$URL" --out "$OUT/greedy-fastfusion.json"; frc=$?
+          halt fastfusion-1.0
+          check compare "$OUT/greedy-stock-fusion.json" "$OUT/greedy-fastfusion.json" \
+            --out "$OUT/greedy-compare-fusion.json"
+          rc=$(worst "$frc" "$?")
+        fi
+      fi
+      halt stock-fusion; SERVER_ENV=() ;;
     sessions)
       sessions tangram-r0.25 sessions.json "${tangram[@]}" --tangram-ratio 0.25 ;;
     sessions-uniform)  # the same sessions, one ratio for every head (the fair baseline)

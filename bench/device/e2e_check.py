@@ -63,6 +63,12 @@ def _ids(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(FIRST_ID, vocab) for _ in range(n)]
 
 
+def fusion_given_back(client: Client) -> int:
+    """Group slots Fast Fusion gave back so far (0 without fusion or on stock)."""
+    fusion = (client.pool() or {}).get("fusion") or {}
+    return int(sum(fusion.get("slots_given_back", [])))
+
+
 def greedy(args: argparse.Namespace) -> int:
     """Prompts one at a time (same batch shapes on both servers), then a 3-turn session."""
     client, rng = Client(args.url), random.Random(args.seed)
@@ -70,6 +76,13 @@ def greedy(args: argparse.Namespace) -> int:
     for _ in range(args.prompts):
         prompt = _ids(rng, args.vocab, rng.randint(16, args.max_prompt))
         result["prompts"].append(client.generate(prompt, args.new_tokens)["output_ids"])
+    if args.duplicates:  # one prompt 3 times in one batch, beside another (Fast Fusion)
+        same, other = (_ids(rng, args.vocab, rng.randint(64, args.max_prompt)) for _ in "ab")
+        before = fusion_given_back(client)
+        replies = client.generate([same, same, other, same], args.new_tokens)
+        result["prompts"] += [r["output_ids"] for r in replies]
+        result["fusion_given_back"] = fusion_given_back(client) - before
+        print(f"greedy: a batch with a prompt 3 times gave back {result['fusion_given_back']}")
     history = _ids(rng, args.vocab, args.max_prompt)
     for _ in range(3):
         reply = client.generate(history, args.new_tokens)
@@ -78,6 +91,9 @@ def greedy(args: argparse.Namespace) -> int:
         history += reply["output_ids"] + _ids(rng, args.vocab, 64)
     Path(args.out).write_text(json.dumps(result))
     print(f"greedy: {args.prompts} prompts + 3 turns, cached per turn {result['cached']}")
+    if args.expect_fusion and not result.get("fusion_given_back"):
+        print("greedy: --expect-fusion, but no slot was given back")
+        return 1
     return 0
 
 
@@ -292,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompts", type=int, default=8)
     g.add_argument("--max-prompt", type=int, default=512)
     g.add_argument("--new-tokens", type=int, default=32)
+    g.add_argument("--duplicates", action="store_true", help="add a batch with a repeated prompt")
+    g.add_argument("--expect-fusion", action="store_true", help="fail if fusion gave nothing back")
     s = sub.choices["sessions"]
     s.add_argument("--sessions", type=int, default=200)
     s.add_argument("--turns", type=int, default=4)

@@ -695,6 +695,7 @@ class TangramAttnBackend(AttentionBackend):
             self._store_segments(q_, k_, v_, stored, layer.layer_id)
         if layer.layer_id == self.pool.num_layers - 1:
             self.owners.apply(self.allocator)
+            self.allocator.fuse(self.state)  # Fast Fusion, once the batch's KV is owned
         return out.reshape(q_.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

@@ -1,9 +1,11 @@
-"""Fast Fusion ("Joint Encoding of KV-Cache Blocks for Scalable LLM Serving"), offline.
+"""Fast Fusion ("Joint Encoding of KV-Cache Blocks for Scalable LLM Serving").
 
 Nearly identical KV blocks of different requests (batch fusion) or of different prefill
 chunks of one input (chunk fusion) are stored once: a shared direction per fused set plus
-each member's own norm. This package is the math and its measurement, not yet a serving
-mode (docs/architecture.md, "Fast Fusion", says what the pools will need). Reading order:
+each member's own norm. The offline modules are the math and its measurement; `serving`
+is what the server runs (`--kv-compression fastfusion`, `--tangram-fusion TAU`): a batch's
+new blocks read an earlier request's block as stored, within a guard, and give their own
+slots back to the pools (`TangramAllocator.share`). Reading order:
 
 - `blocks.py`: what a block is (page of tokens x the heads of one unit: a head group of a
   layer, a whole layer, one head, or a group's slot across layers), cut and pasted back;
@@ -12,5 +14,7 @@ mode (docs/architecture.md, "Fast Fusion", says what the pools will need). Readi
   the per-member distortion guard; `batch_fusion` and `chunk_fusion`;
 - `thresholds.py`: per-layer thresholds, the paper's middle-layer default;
 - `report.py`: the rate-distortion report per layer (compression, cosine distortion,
-  attention-output error with real queries, the Poisson prediction of matches).
+  attention-output error with real queries, the Poisson prediction of matches);
+- `serving.py`: `BatchFusion`, the guarded member -> representative pairs of one extend
+  batch, per head group (the unit a pool can free).
 """

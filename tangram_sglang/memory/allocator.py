@@ -23,7 +23,8 @@ before m for every head and layer: every prefix of a segment is a causally valid
 lossy prefix, and a radix match may end anywhere. Group slots are owned by their logical
 slots: `free(logical)` frees them in every group (SWA's `free_swa` pattern), and a
 request row only points at them. `seg_pos` marks where each segment starts (the radix
-cache inserts a request's values only where its own segment starts).
+cache inserts a request's values only where its own segment starts; an uncompressed
+segment is a run of one-token segments, any cut of it is clean).
 
 Budget Reservation (`tangram_sglang.memory.reservation`) is the ledger `budget`: an extend
 consumes the kept slots its row reserved; a decode step draws one slot per group from what
@@ -33,6 +34,14 @@ no reservation holds (`make_decode_room` evicts the per-group shortfall first).
 batch's `ForwardState`; the allocation hooks attach it to SGLang's batch, which carries it
 to its forward (`patches/allocation.py`), so under overlap scheduling a batch allocated
 while the previous one runs cannot hand its state to the wrong forward.
+
+Fast Fusion (`--tangram-fusion`, `tangram_sglang.fusion.serving`): after an extend, a
+block of new group slots nearly identical to another request's may *share* it: its
+logical slots map to the representative's group slots and its own return to the free
+pool. A group slot then has several owners; `extra[g][slot]` counts the owners beyond the
+first and `free` releases the slot with its last owner. `shared[g]` (host) is their sum,
+what the mapped counts hold beyond the distinct slots and what the radix tree's
+evictable count must not promise (`radix.evictable_group_slots`).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 
+from tangram_sglang.fusion.serving import BatchFusion
 from tangram_sglang.memory import staging
 from tangram_sglang.memory.budget import (
     BudgetRule,
@@ -160,7 +170,12 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
     """Logical slots for SGLang plus the head-group slots they map to (module docstring)."""
 
     def __init__(
-        self, size: int, kvcache: TangramKVPool, rule: BudgetRule, need_sort: bool = False
+        self,
+        size: int,
+        kvcache: TangramKVPool,
+        rule: BudgetRule,
+        need_sort: bool = False,
+        fusion: BatchFusion | None = None,
     ) -> None:
         pool = kvcache.pool
         super().__init__(size, 1, pool.dtype, str(pool.device), kvcache, need_sort)
@@ -174,6 +189,12 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
         self.split_check: SplitCheck | None = None  # set where the split's shape is known
+        self.fusion = fusion
+        self.extra = [
+            torch.zeros(s + pool.page_size, dtype=torch.int64, device=device) for s in pool.slots
+        ]  # per group slot, its owners beyond the first (Fast Fusion)
+        self.shared = [0] * G  # host: sum of extra per group
+        self.fused = [0] * G  # host: group slots fusion gave back, since start
         self.clear()
 
     # ---- SGLang's allocator interface (logical slots) --------------------------------
@@ -198,9 +219,22 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         flat, held = self._compact_batch([index])  # one device read, not one per group
         for g, allocator in enumerate(self.pool.allocators):
             if int(held[g, 0]):
-                allocator.free(flat[g, : int(held[g, 0])])
+                allocator.free(self._last_owners(g, flat[g, : int(held[g, 0])]))
         self.logical_to_group.index_fill_(1, index, 0)
         self.logical.free(index)
+
+    def _last_owners(self, g: int, slots: torch.Tensor) -> torch.Tensor:
+        """Of group `g`'s `slots` whose owners are being freed (a slot once per owner),
+        the ones losing their last owner; the others keep the rest (`extra` drops). Without
+        shared slots, all of them, with no device work."""
+        if self.shared[g] == 0:
+            return slots
+        touched, hits = torch.unique(slots, return_counts=True)
+        extra = self.extra[g][touched]
+        self.extra[g][touched] = (extra - hits).clamp_min(0)
+        dead = touched[hits > extra]
+        self.shared[g] -= int(slots.numel()) - int(dead.numel())
+        return dead
 
     def clear(self) -> None:
         self.logical.clear()
@@ -208,6 +242,9 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.logical_to_group.zero_()
         self.seg_pos.zero_()
         self.row_lens.zero_()
+        for extra in self.extra:
+            extra.zero_()
+        self.shared = [0] * self.pool.num_groups
         self.budget.clear()
         self.is_not_in_free_group = True
         self.free_group = []
@@ -225,9 +262,16 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         """Group slots a segment of `extend_len` new tokens keeps in each group."""
         return tuple(kept_tokens(extend_len, r, self.rule) for r in self.ratios)
 
-    def _new_segments(self, logical: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Record consecutive segments of `lengths` over `logical` (concatenated)."""
-        positions = positions_within(torch.as_tensor(list(lengths), dtype=torch.int64))
+    def _new_segments(
+        self, logical: torch.Tensor, lengths: Sequence[int], compressed: Sequence[bool]
+    ) -> None:
+        """Record consecutive segments of `lengths` over `logical` (concatenated). A segment
+        that keeps every token in every group maps each token to its own slots, so any cut
+        of it is clean: its tokens are recorded as segments of one token (as decoded ones),
+        and the radix tree may join another request's prefix anywhere inside it."""
+        runs = torch.as_tensor(list(lengths), dtype=torch.int64)
+        cuts = torch.as_tensor(list(compressed), dtype=torch.int64).repeat_interleave(runs)
+        positions = positions_within(runs) * cuts
         index = logical.to(device=self.seg_pos.device, dtype=torch.int64)
         self.seg_pos[index] = staging.to_device(positions, self.seg_pos.device)
 
@@ -279,6 +323,45 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             self.logical_to_group[g].index_put_(
                 (logical[at],), slots.to(device=device, dtype=self.logical_to_group.dtype)
             )
+
+    # ---- Fast Fusion -----------------------------------------------------------------
+
+    def fuse(self, state: ForwardState) -> None:
+        """After an extend forward stored (and owned) its KV: per group, the batch's new
+        blocks that pass the fusion guard share an earlier request's slots."""
+        if self.fusion is None or state.mode != "extend" or len(state.segments) < 2:
+            return
+        for g in range(self.pool.num_groups):
+            pairs = self.fusion.pairs(g, [seg.slots[g] for seg in state.segments])
+            if pairs.member.numel():
+                self.share(g, pairs.member, pairs.rep, state.segments)
+
+    def share(
+        self,
+        g: int,
+        member: torch.Tensor,
+        rep: torch.Tensor,
+        segments: Sequence[ExtendSegment],
+    ) -> None:
+        """Group `g`'s `member` slots (new in `segments`) stop holding K/V: the logical
+        slot owning each now maps to the matching `rep` slot, the segments' rows read it,
+        and the member slots return to the free pool. Reservations are untouched: the rows
+        consumed their kept slots, and the pool simply has more free."""
+        device = self.logical_to_group.device
+        member, rep = member.to(device).long(), rep.to(device).long()
+        logical = torch.cat([seg.logical.reshape(-1) for seg in segments]).to(device).long()
+        owner_of = torch.zeros_like(self.extra[g])
+        owner_of[self.logical_to_group[g, logical]] = logical  # unmapped ones write slot 0
+        self.logical_to_group[g, owner_of[member]] = rep
+        remap = torch.arange(self.extra[g].numel(), device=device)
+        remap[member] = rep
+        rows = staging.to_device(torch.tensor([seg.row for seg in segments]), device)
+        table = self.pool.req_to_slot[g]
+        table[rows] = remap[table[rows].long()].to(table.dtype)
+        self.extra[g].index_add_(0, rep, torch.ones_like(rep))
+        self.pool.allocators[g].free(member)
+        self.shared[g] += int(member.numel())
+        self.fused[g] += int(member.numel())
 
     # ---- group rows ------------------------------------------------------------------
 
@@ -401,7 +484,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             return ForwardState("extend", ())
         device = self.logical_to_group.device
         logical = torch.cat([x.reshape(-1) for x in new]).to(device).long()
-        self._new_segments(logical, lengths)
+        compress = [any(c < n for c in k) for n, k in zip(lengths, kept, strict=True)]
+        self._new_segments(logical, lengths, compress)
         flat, held = self._compact_batch(prefixes)
         k = torch.tensor(kept, dtype=torch.int64).reshape(B, G).T  # host [G, B]
         lens = held + k
@@ -422,7 +506,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                 ExtendSegment(
                     row=row,
                     extend_len=n,
-                    compress=any(c < n for c in kept[i]),
+                    compress=compress[i],
                     prefix_lens=tuple(prefix_lens[i]),
                     slots=tuple(split[g][i] for g in range(G)),
                     logical=logical_i,
@@ -526,11 +610,20 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "window": self.rule.window,
             **self.budget.describe(),
             "split": self.split_check.describe() if self.split_check else None,
+            "fusion": None
+            if self.fusion is None
+            else {
+                "threshold": self.fusion.threshold,
+                "block": self.fusion.block,
+                "shared_owners": list(self.shared),
+                "slots_given_back": list(self.fused),
+            },
         }
 
     def mapped_counts(self) -> tuple[int, ...]:
-        """Group slots each group has handed to logical slots."""
-        return tuple(int(x) for x in (self.logical_to_group[:, 1:] > 0).sum(1).tolist())
+        """Group slots each group has handed to logical slots (a shared slot once)."""
+        owners = (self.logical_to_group[:, 1:] > 0).sum(1).tolist()
+        return tuple(int(x) - s for x, s in zip(owners, self.shared, strict=True))
 
     def count_leaks(self) -> list[str]:
         """Per group: free + mapped must equal capacity (the cheap half of `leaks`)."""
@@ -554,15 +647,21 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             owners = (mapped > 0).nonzero().flatten() + 1
             slots = mapped[mapped > 0]
             free = torch.cat((allocator.free_pages, allocator.release_pages)).long()
-            if slots.unique().numel() != slots.numel():
-                problems.append(f"group {g}: a group slot is mapped by two logical slots")
+            distinct, owners_per_slot = torch.unique(slots, return_counts=True)
+            if not torch.equal(owners_per_slot - 1, self.extra[g][distinct]):
+                problems.append(f"group {g}: a group slot's owners differ from its owner count")
+            if int(self.extra[g].sum()) != self.shared[g]:
+                problems.append(
+                    f"group {g}: {self.shared[g]} shared owners recorded, "
+                    f"{int(self.extra[g].sum())} counted"
+                )
             if torch.isin(slots, free).any():
                 problems.append(f"group {g}: a mapped group slot is also free")
             if torch.isin(owners, logical_free.to(owners.device)).any():
                 problems.append(f"group {g}: a free logical slot still maps a group slot")
-            if slots.numel() + free.numel() != self.pool.slots[g]:
+            if distinct.numel() + free.numel() != self.pool.slots[g]:
                 problems.append(
-                    f"group {g}: {slots.numel()} mapped + {free.numel()} free != "
+                    f"group {g}: {distinct.numel()} mapped + {free.numel()} free != "
                     f"{self.pool.slots[g]} slots"
                 )
         return problems
@@ -583,6 +682,7 @@ def build_tangram_pools(
     workload: Workload | None = None,
     tp_rank: int = 0,
     tp_size: int = 1,
+    fusion: float | None = None,
 ) -> tuple[TangramKVPool, TangramAllocator]:
     """The pools for the KV bytes SGLang sized for `full_tokens` uncompressed tokens.
 
@@ -597,7 +697,8 @@ def build_tangram_pools(
     `max_context` and the largest group: a row holds distinct slots of its group, so it
     never holds more than the group has (SGLang's context length is often far longer).
     Under tensor parallelism each rank stores its own heads (`PoolLayout.shard`) with the
-    slot counts every rank can hold (`agreed_pool_slots`).
+    slot counts every rank can hold (`agreed_pool_slots`). `fusion`: the Fast Fusion
+    threshold (None: off).
     """
     shards = PoolLayout.from_profile(profile, ratio).shards(tp_size)
     layout = shards[tp_rank]
@@ -611,6 +712,7 @@ def build_tangram_pools(
     pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
     logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
-    allocator = TangramAllocator(logical, kv_pool, rule)
+    batch_fusion = None if fusion is None else BatchFusion(pool, fusion)
+    allocator = TangramAllocator(logical, kv_pool, rule, fusion=batch_fusion)
     allocator.split_check = SplitCheck(workload, layout.ratios, rule)
     return kv_pool, allocator

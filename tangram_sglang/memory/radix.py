@@ -240,10 +240,15 @@ class TangramRadixCache(RadixCache):
 
 def evictable_group_slots(tree_cache, num_groups: int) -> tuple[int, ...]:
     """Per group, slots freed by evicting a tree's whole evictable part (0 without a
-    `tangram` tree: the chunk cache holds nothing evictable)."""
+    `tangram` tree: the chunk cache holds nothing evictable). Under Fast Fusion a shared
+    slot is counted once per owner but freed once, by its last: the tree's count less the
+    owners beyond the first (`TangramAllocator.shared`) is what eviction surely frees."""
     if not isinstance(tree_cache, TangramRadixCache) or tree_cache.disable:
         return (0,) * num_groups
-    return tree_cache.evictable_group_slots()
+    shared = tree_cache.allocator.shared
+    return tuple(
+        max(0, n - s) for n, s in zip(tree_cache.evictable_group_slots(), shared, strict=True)
+    )
 
 
 OVERRIDDEN = (
