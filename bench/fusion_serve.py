@@ -15,9 +15,9 @@ cache (`/flush_cache` between samples):
   without and with fusion.
 
 Reported per configuration: accuracy (the expected value in the answer), answers equal
-to `uniform-1.0`'s token for token, and the KV held once the batch is cached, as a share
-of full KV for the tokens cached ((layer, kv head) slots held / (tokens x layers x kv
-heads)), with the group slots fusion gave back.
+to `uniform-1.0`'s token for token, and the KV the batch holds while it runs and once it
+is cached, as shares of full KV ((layer, kv head) slots / (tokens x layers x kv heads)),
+with the group slots fusion gave back.
 
     python bench/fusion_serve.py --samples 6 --out bench/results/fusion-serve-<date>
 """
@@ -28,6 +28,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from tangram_sglang.accuracy.chat import ChatFormat  # noqa: E402
 from tangram_sglang.accuracy.paths import flush, held_group_slots  # noqa: E402
 from tangram_sglang.accuracy.tasks import Haystack, correct, make_sample  # noqa: E402
 from tangram_sglang.cpu.server import Launch, running_servers  # noqa: E402
+from tangram_sglang.memory.budget import BudgetRule, kept_tokens  # noqa: E402
 from tangram_sglang.offline.profile import ModelIdentity  # noqa: E402
 
 PROFILE = ROOT / "profiles" / "smollm2-135m-instruct.headkv.yaml"
@@ -104,10 +106,31 @@ def build_batches(args, tokenizer) -> list[dict]:
     return batches
 
 
+def pool_info(url: str) -> dict:
+    return requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0][
+        "tangram_pool"
+    ]
+
+
 def fusion_state(url: str) -> list[int]:
-    info = requests.get(f"{url}/server_info", timeout=30).json()
-    pool = info["internal_states"][0]["tangram_pool"]
+    pool = pool_info(url)
     return list(pool["fusion"]["slots_given_back"]) if pool.get("fusion") else [0]
+
+
+def running_share(pool: dict, prompts, replies, given: list[int], cells: int) -> float:
+    """KV held while the batch decodes, as a share of full KV: each group's kept slots of
+    every prompt (`kept_tokens` at its ratio) and decoded token, less what fusion gave back
+    (the radix cache shares nothing yet: none of the copies is cached until it finishes)."""
+    rule = BudgetRule(sink=pool["sink"], window=pool["window"])
+    held = 0
+    for g, (ratio, heads) in enumerate(zip(pool["ratios"], pool["heads_per_group"], strict=True)):
+        kept = sum(
+            kept_tokens(len(p), ratio, rule) + len(r["output_ids"]) - 1
+            for p, r in zip(prompts, replies, strict=True)
+        )
+        held += heads * (kept - (given[g] if g < len(given) else 0))
+    tokens = sum(len(p) + len(r["output_ids"]) - 1 for p, r in zip(prompts, replies, strict=True))
+    return held / (tokens * cells)
 
 
 def serve(server, batches, args, cells: int, chat: ChatFormat) -> list[dict]:
@@ -124,8 +147,10 @@ def serve(server, batches, args, cells: int, chat: ChatFormat) -> list[dict]:
         pairs = zip(batch["prompts"], replies, strict=True)
         tokens = sum(len(p) + len(r["output_ids"]) - 1 for p, r in pairs)
         given = [a - b for a, b in zip(fusion_state(server.url), before, strict=True)]
+        running = running_share(pool_info(server.url), batch["prompts"], replies, given, cells)
         out.append(
             {
+                "running_share": running,
                 "answers": [r["output_ids"] for r in replies],
                 "correct": [
                     correct(chat.text(r["output_ids"]), batch["expected"]) for r in replies
@@ -150,6 +175,8 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         table[name] = {
             "accuracy": sum(c for r in rows for c in r["correct"]) / len(answers),
             "same_answers_as_baseline": same,
+            "running_share": sum(r["running_share"] * r["tokens"] for r in rows)
+            / sum(r["tokens"] for r in rows),
             "held_share": sum(r["held_share"] * r["tokens"] for r in rows)
             / sum(r["tokens"] for r in rows),
             "slots_given_back": [
@@ -170,20 +197,52 @@ def markdown(args, table: dict, seconds: float) -> str:
         f"as one batch of {args.batch} copies, all but the first with {args.edits} document "
         "tokens replaced (same length and positions); greedy, "
         f"{args.max_new_tokens} new tokens",
-        "- held share: (layer, kv head) slots held once the batch is cached / (cached tokens x "
-        "layers x kv heads); the radix cache shares the copies' common prefix in every row",
+        "- KV while running: (layer, kv head) slots the batch holds while it decodes (every "
+        "group's kept slots, less what fusion gave back) / (tokens x layers x kv heads): what "
+        "admission has left for other requests; none of the copies is cached yet",
+        "- KV once cached: the same once the batch finished and the radix cache holds it (it "
+        "shares the copies' common prefix; a copy whose compressed segment straddles that "
+        "prefix's end is not cached, by the radix rule for compressed segments)",
         "",
-        "| configuration | held share of full KV | accuracy % | same answers as uniform-1.0 % "
-        "| slots given back by fusion |",
-        "|---|---|---|---|---|",
+        "| configuration | KV while running | KV once cached | accuracy % | same answers as "
+        "uniform-1.0 % | slots given back by fusion, per group |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
         same = row["same_answers_as_baseline"]
         lines.append(
-            f"| {name} | {row['held_share']:.3f} | {100 * row['accuracy']:.1f} | "
+            f"| {name} | {row['running_share']:.3f} | {row['held_share']:.3f} | "
+            f"{100 * row['accuracy']:.1f} | "
             f"{'-' if same is None else f'{100 * same:.1f}'} | {row['slots_given_back']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: Path) -> None:
+    """Accuracy and answers equal to full KV's against the KV held while running."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, marker, label in (
+        ("accuracy", "o", "accuracy"),
+        ("same_answers_as_baseline", "s", f"answers = {BASELINE}'s"),
+    ):
+        xs = [row["running_share"] for row in table.values()]
+        ys = [100 * (row[key] or 0) for row in table.values()]
+        ax.scatter(xs, ys, marker=marker, label=label)
+    for i, (name, row) in enumerate(table.items()):  # labels alternate above and below
+        ax.annotate(name, (row["running_share"], 100 * row["accuracy"]), fontsize=7,
+                    xytext=(4, 6 if i % 2 else -12), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("KV held while the batch runs (share of full KV)")
+    ax.set_ylabel("%")
+    ax.set_title("Fast Fusion on near-copies of one document (SmolLM2, CPU server)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -202,7 +261,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=2, help="servers started side by side")
     ap.add_argument("--out", type=Path, default=Path("fusion-serve"))
+    ap.add_argument("--plot-only", type=Path, help="redraw the plot of a recorded JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text())["table"], args.plot_only.with_suffix(".png"))
+        return 0
 
     from transformers import AutoTokenizer
 
@@ -218,7 +281,7 @@ def main(argv=None) -> int:
     names = args.configs.split(",")
     launches = {n: Launch(config_flags(n), attention=None) for n in names}
     results: dict[str, list[dict]] = {}
-    logs = args.out.parent / f"{args.out.name}-logs"
+    logs = Path(tempfile.mkdtemp(prefix="fusion-serve-logs-"))  # the servers' logs
     for i in tqdm(range(0, len(names), args.parallel), desc="servers"):
         group = {n: launches[n] for n in names[i : i + args.parallel]}
         with running_servers(model_dir, logs, group) as servers:
@@ -235,6 +298,7 @@ def main(argv=None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     text = markdown(args, table, seconds)
     args.out.with_suffix(".md").write_text(text)
+    plot(table, args.out.with_suffix(".png"))
     print(text)
     return 0
 

@@ -54,8 +54,18 @@ CPU_KV_BYTES = 4  # the CPU servers run fp32 (tangram_sglang/cpu/server.py)
 
 def config_args(name: str, profile: Path, shape: str | None = None) -> tuple[list[str], bool]:
     """Server flags of a named configuration and whether it loads our plugin: `stock`,
-    `stock-fp8`, `uniform-R`, `tangram-R`, `tangram-R-fp8` (R the memory share); tangram's
-    pools are split for the session `shape` (`workloads.pool_shape`) where given."""
+    `stock-fp8`, `uniform-R`, `tangram-R`, `tangram-R-fp8` (R the memory share),
+    `fastfusion-T`, and `+fusion-T` after a uniform or tangram one (Fast Fusion at
+    threshold T); tangram's pools are split for the session `shape`
+    (`workloads.pool_shape`) where given."""
+    base, _, fusion = name.partition("+fusion-")
+    if base.startswith("fastfusion-") and not fusion:
+        return ["--kv-compression", "fastfusion", "--tangram-fusion", base.split("-", 1)[1]], True
+    if fusion:
+        flags, plugins = config_args(base, profile, shape)
+        if not plugins:
+            raise ValueError(f"configuration {name!r}: +fusion-T needs uniform-R or tangram-R")
+        return [*flags, "--tangram-fusion", fusion], True
     parts = name.split("-")
     fp8 = ["--kv-cache-dtype", "fp8_e4m3"] if parts[-1] == "fp8" else []
     if parts[0] == "stock" and len(parts) <= 2:
@@ -66,7 +76,10 @@ def config_args(name: str, profile: Path, shape: str | None = None) -> tuple[lis
             flags += ["--tangram-profile", str(profile)]
             flags += ["--tangram-workload", shape] if shape else []
         return flags + fp8, True
-    raise ValueError(f"configuration {name!r} is not stock[-fp8], uniform-R or tangram-R[-fp8]")
+    raise ValueError(
+        f"configuration {name!r} is not stock[-fp8], uniform-R, tangram-R[-fp8], "
+        "fastfusion-T or uniform-R/tangram-R+fusion-T"
+    )
 
 
 def config_launch(name: str, profile: Path, extra: list[str], shape: str | None = None) -> Launch:

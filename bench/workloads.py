@@ -1,8 +1,11 @@
 """Multi-turn session workloads as JSONL any client can replay (one session per line).
 
-Three shapes, lengths in tokens, drawn from a seed:
+Four shapes, lengths in tokens, drawn from a seed:
 - `shared-context` (SCBench's multi-turn mode): one long document, then 3-8 follow-up
   questions about it; the sessions share nothing but their shape.
+- `similar-documents`: the same shape, but every session's document is a copy of one
+  template with about 1% of its tokens replaced (versions of one contract or form: same
+  length, same positions), the case Fast Fusion is for.
 - `chat`: a shared system prompt, then 4-10 turns whose user and answer lengths are drawn
   from log-normal distributions.
 - `agent`: a shared system prompt with tool descriptions, then 5-20 steps, each appending
@@ -29,7 +32,8 @@ from pathlib import Path
 
 from tangram_sglang.memory.budget import Workload
 
-KINDS = ("shared-context", "chat", "agent")
+KINDS = ("shared-context", "similar-documents", "chat", "agent")
+EDITED = 0.01  # share of a similar document's tokens that differ from the template
 
 
 @dataclass
@@ -71,8 +75,11 @@ class Generator:
             raise ValueError(f"workload {kind!r} is not one of {', '.join(KINDS)}")
         self.kind, self.scale, self.vocab, self.low = kind, scale, vocab, low
         self.rng = random.Random(seed)
-        # Shared by every session of the run: chat's and agent's system prompts.
+        # Shared by every session of the run: chat's and agent's system prompts, and the
+        # template of the similar documents (drawn at its first use: the other kinds' draws
+        # stay as they were).
         self.system = self.ids(self.n(512 if kind == "chat" else 2048))
+        self.template: list[int] | None = None
 
     def n(self, tokens: float) -> int:
         return max(1, round(tokens * self.scale))
@@ -89,8 +96,15 @@ class Generator:
 
     def turns(self) -> list[Turn]:
         r = self.rng
-        if self.kind == "shared-context":
-            document = self.ids(self.n(r.uniform(2048, 65536)))
+        if self.kind in ("shared-context", "similar-documents"):
+            if self.kind == "shared-context":
+                document = self.ids(self.n(r.uniform(2048, 65536)))
+            else:
+                if self.template is None:
+                    self.template = self.ids(self.n(r.uniform(2048, 65536)))
+                document = list(self.template)
+                for at in r.sample(range(len(document)), max(1, round(EDITED * len(document)))):
+                    document[at] = r.randrange(self.low, self.vocab)
             questions = r.randint(3, 8)
             first = Turn(document + self.ids(self.n(r.uniform(32, 96))), self.answer(64))
             follow = [

@@ -133,6 +133,19 @@ def _extend_kernel(
             )
 
 
+def serving_launch(max_extend_len: int, element_size: int) -> dict[str, int]:
+    """The launch the serving backend uses for an extend batch. Measured on the H100 at the
+    parity load's shapes (bench/extend_kernels.py, bench/results/gpu-2026-12-06c-h100.md,
+    bf16, Qwen3-4B layer): two pipeline stages beat one at every point (1.13-1.45x stock's
+    kernel against 1.02-1.34x), and 128-row query blocks win where rows are short and
+    prefixes long (<= 256 new tokens: 1.71-1.73x) but lose on long chunks. fp32 keeps the
+    single-stage 64-row launch, whose shared memory fits every card."""
+    if element_size > 2:
+        return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}
+    block_m = 128 if max_extend_len <= 256 else 64
+    return {"block_m": block_m, "block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
 def extend_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,

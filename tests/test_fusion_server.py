@@ -5,14 +5,17 @@ At threshold 1.0 only bit-identical blocks fuse: one prompt sent several times i
 batch (SGLang's radix cache cannot share it, none of them is cached yet) is stored once,
 and every answer is stock's, token for token, on this turn and the next (which must hit
 the radix cache through the shared slots). At 0.95, edited copies of one document (a few
-tokens swapped, same positions) share blocks too. Either way the pools return to their
-start after `/flush_cache`, no slot stays reserved, and the strict idle check (every slot's
-owners against its count, `TANGRAM_STRICT_POOL_CHECK`) finds nothing.
+tokens swapped, same positions) share blocks too, and such a batch aborted while it
+decodes gives its shared slots back. Either way the pools return to their start after
+`/flush_cache`, no slot stays reserved, and the strict idle check (every slot's owners
+against its count, `TANGRAM_STRICT_POOL_CHECK`) finds nothing.
 """
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import requests
@@ -62,6 +65,27 @@ def session(server, prompts: list[list[int]], follow: list[int], plugin: bool = 
     }
 
 
+def aborted(server, prompts: list[list[int]]) -> dict:
+    """The batch decoding long answers, aborted once fusion shared its blocks: the
+    requests' shared slots go back with their last owner."""
+    params = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
+    payload = {"input_ids": prompts, "sampling_params": params}
+    before = sum(_info(server)["fusion"]["slots_given_back"])
+    worker = threading.Thread(
+        target=lambda: requests.post(f"{server.url}/generate", json=payload, timeout=300)
+    )
+    worker.start()
+    deadline = time.monotonic() + 120
+    while sum(_info(server)["fusion"]["slots_given_back"]) == before:
+        assert time.monotonic() < deadline, "the batch never fused"
+        time.sleep(0.2)
+    shared = _info(server)["fusion"]["shared_owners"]
+    requests.post(f"{server.url}/abort_request", json={"abort_all": True}, timeout=30)
+    worker.join(timeout=120)
+    flush_when_idle(server)
+    return {"shared_while_running": shared, "flushed": _info(server)}
+
+
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
     seed = random.randrange(2**32)
@@ -87,6 +111,9 @@ def runs(model_dir, tmp_path_factory):
             "exact": session(servers["exact"], duplicates, follow),
             "near": session(servers["near"], edited, follow),
         }
+        # Edited copies: exact ones stop sharing once the radix cache adopts the twins' slots.
+        results["aborted"] = aborted(servers["near"], edited)
+        results["aborted"]["log"] = servers["near"].log()
     return seed, results
 
 
@@ -115,11 +142,17 @@ def test_edited_copies_of_a_document_share_their_unedited_blocks(runs):
     assert len(near["answers"]) == 3 and all(len(a) == NEW_TOKENS for a in near["answers"])
 
 
-@pytest.mark.parametrize("name", ["exact", "near"])
+@pytest.mark.parametrize("name", ["exact", "near", "aborted"])
 def test_pools_return_to_their_start_and_the_idle_checks_stay_clean(runs, name):
+    """After the sessions, and after a fused batch aborted while it decodes."""
     seed, results = runs
     run = results[name]
-    for state, when in ((run["start"], "before"), (run["flushed"], "after /flush_cache")):
+    if name == "aborted":
+        assert sum(run["shared_while_running"]) > 0, f"seed {seed}: {run}"
+    states = [(run["flushed"], "after /flush_cache")]
+    if "start" in run:
+        states.append((run["start"], "before"))
+    for state, when in states:
         assert state["free_slots"] == state["slots"], f"seed {seed}: {name} {when}: {state}"
         assert state["logical_free"] == state["logical_slots"], f"seed {seed}: {name} {when}"
     assert run["flushed"]["fusion"]["shared_owners"] == [0], f"seed {seed}: {run['flushed']}"

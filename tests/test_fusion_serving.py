@@ -8,16 +8,15 @@ import random
 import pytest
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
+from test_radix import tree_over
 
 from tangram_sglang.fusion.serving import BLOCK, BatchFusion
 from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool
 from tangram_sglang.memory.budget import BudgetRule
 from tangram_sglang.memory.layout import PoolLayout
 from tangram_sglang.memory.pool import RaggedPool
-from tangram_sglang.memory.radix import TangramRadixCache, evictable_group_slots
+from tangram_sglang.memory.radix import evictable_group_slots
 from tangram_sglang.models.synthetic import synthetic_profile
 from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
@@ -221,13 +220,7 @@ def test_the_radix_tree_promises_only_what_evicting_shared_slots_frees():
     frees each slot once; admission's count (`radix.evictable_group_slots`) is the latter."""
     seed = random.randrange(10_000)
     a = make_allocator(seed, 1.0, compressed=False)
-    params = CacheInitParams(
-        disable=False,
-        req_to_token_pool=ReqToTokenPool(8, 512, "cpu", False),
-        token_to_kv_pool_allocator=a,
-        page_size=1,
-    )
-    cache = TangramRadixCache(params)
+    cache = tree_over(a, width=512)
     n = random.randint(2, 4) * BLOCK
     _, new = extend(a, [1, 2], [n, n], docs=[4, 4])  # same KV under different token keys
     for i, logical in enumerate(new):

@@ -29,16 +29,20 @@ from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 VOCAB = 50
 
 
-def make_cache(seed: int, slots: int = 600):
-    allocator = make_allocator(seed, logical=800, slots=slots)
-    req_to_token_pool = ReqToTokenPool(8, 256, "cpu", False)
+def tree_over(allocator, width: int = 256) -> TangramRadixCache:
+    """SGLang's tree with our overrides over `allocator` (8 request rows of `width`)."""
     params = CacheInitParams(
         disable=False,
-        req_to_token_pool=req_to_token_pool,
+        req_to_token_pool=ReqToTokenPool(8, width, "cpu", False),
         token_to_kv_pool_allocator=allocator,
         page_size=1,
     )
-    return TangramRadixCache(params), allocator
+    return TangramRadixCache(params)
+
+
+def make_cache(seed: int, slots: int = 600):
+    allocator = make_allocator(seed, logical=800, slots=slots)
+    return tree_over(allocator), allocator
 
 
 def match(cache, tokens):
@@ -444,13 +448,7 @@ def test_requests_prefilled_together_keep_their_own_tails_where_nothing_was_comp
         PoolLayout.from_profile(uniform_profile(model, 1.0)), [600], torch.float32, "cpu", 8, 256
     )
     allocator = TangramAllocator(800, TangramKVPool(pool, 800), BudgetRule(sink=2, window=3))
-    params = CacheInitParams(
-        disable=False,
-        req_to_token_pool=ReqToTokenPool(8, 256, "cpu", False),
-        token_to_kv_pool_allocator=allocator,
-        page_size=1,
-    )
-    cache = TangramRadixCache(params)
+    cache = tree_over(allocator)
     shared = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 30))]
     tails = [[rng.randrange(VOCAB) for _ in range(rng.randint(5, 30))] for _ in range(2)]
     tails[1][0] = (tails[0][0] + 1) % VOCAB  # the two part right after the shared prefix

@@ -40,7 +40,8 @@ SUMMARY_KEYS = {
 @pytest.mark.parametrize(
     ("kind", "turns", "first_tokens"),
     [("shared-context", (3, 8), (2048 + 32, 65536 + 96)), ("chat", (4, 10), (512 + 16, 512 + 1024)),
-     ("agent", (5, 20), (2048 + 64, 2048 + 256))],
+     ("agent", (5, 20), (2048 + 64, 2048 + 256)),
+     ("similar-documents", (3, 8), (2048 + 32, 65536 + 96))],
 )  # fmt: skip
 def test_workloads_have_their_shapes_and_replay_from_jsonl(kind, turns, first_tokens, tmp_path):
     seed = random.randrange(2**31)
@@ -61,6 +62,30 @@ def test_workloads_have_their_shapes_and_replay_from_jsonl(kind, turns, first_to
         len(t.new_ids) for s in sessions for t in s.turns
     )
     assert min(t.max_tokens for s in small for t in s.turns) >= 16
+
+
+def test_similar_documents_are_edited_copies_of_one_template():
+    seed = random.randrange(2**31)
+    sessions = workloads.generate("similar-documents", 6, seed=seed, vocab=1000)
+    first = [s.turns[0].new_ids for s in sessions]
+    # The document is the first prompt less its question (32-96 tokens): compare a prefix.
+    n = min(len(f) for f in first) - 96
+    template = first[0][:n]
+    for doc in first[1:]:
+        differ = sum(a != b for a, b in zip(doc[:n], template, strict=True))
+        assert 0 < differ <= 3 * workloads.EDITED * n, f"seed {seed}: {differ} of {n} differ"
+
+
+def test_fusion_configurations_add_the_threshold():
+    assert serve.config_args("fastfusion-0.95", Path("p.yaml")) == (
+        ["--kv-compression", "fastfusion", "--tangram-fusion", "0.95"],
+        True,
+    )
+    flags, plugins = serve.config_args("tangram-0.25+fusion-0.9", Path("p.yaml"))
+    assert plugins and flags[:2] == ["--kv-compression", "tangram"]
+    assert flags[-2:] == ["--tangram-fusion", "0.9"]
+    with pytest.raises(ValueError, match="needs uniform-R or tangram-R"):
+        serve.config_args("stock+fusion-0.9", Path("p.yaml"))
 
 
 def test_unknown_configuration_is_named():

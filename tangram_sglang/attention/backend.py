@@ -438,8 +438,9 @@ class TritonPath:
         view = self.pool.layer_view(layer.layer_id, *layer_scales(layer, self.pool.dtype))
         kv = replace(view, group_lens=b.prefix_lens)
         out = _new_output(q)
+        launch = extend.serving_launch(b.max_extend_len, q.element_size())
         extend.extend_attention(
-            q, k, v, b.extend_lens, kv, b.rows, layer.scaling, b.max_extend_len, out=out
+            q, k, v, b.extend_lens, kv, b.rows, layer.scaling, b.max_extend_len, out=out, **launch
         )
         return out
 

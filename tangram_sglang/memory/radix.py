@@ -8,11 +8,13 @@ request reuses that lossy prefix (fewer kept tokens than a fresh compression of 
 keep, never a later token) and SGLang's split gives head and tail node the group slots
 their logical slots own. Two rules keep what a request adds consistent:
 
-- `insert` of a request whose own segment straddles the end of what the tree already
-  holds (two requests computed overlapping text with different segment boundaries)
-  inserts nothing new and reports the whole key as present, so the caller frees the
-  request's own slots: past the cut, such a segment's group slots may still hold, for
-  some heads, tokens the tree's prefix already holds.
+- `insert` of a request whose own compressed segment straddles the end of what the tree
+  already holds (two requests computed overlapping text with different segment
+  boundaries) inserts nothing new and reports the whole key as present, so the caller
+  frees the request's own slots: past the cut, such a segment's group slots may still
+  hold, for some heads, tokens the tree's prefix already holds. A segment that kept every
+  token is cut cleanly anywhere (the allocator records it as one-token segments): its
+  tail is inserted as stock SGLang inserts it.
 - `cache_unfinished_req` adopts the tree's slots only when the request's own values
   join them cleanly (as above) and the tree's slots cost no more, in any group, than
   the request's own (admission counted the tree's as evictable), and then re-points the
