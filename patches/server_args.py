@@ -109,7 +109,7 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tangram-fusion",
-        type=_fusion_flag,
+        type=float,
         metavar="TAU",
         help="Fast Fusion: after each prefill batch, a 16-token block of new KV whose K and V "
         "keep cosine >= TAU (and a norm ratio within [TAU, 1/TAU]) to an earlier request's "
@@ -117,13 +117,6 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         "1.0 shares only bit-identical blocks (lossless). With --kv-compression tangram or "
         "uniform; fastfusion's default is 0.95.",
     )
-
-
-def _fusion_flag(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number in (0, 1]") from None
 
 
 def unsupported(args: Any) -> list[str]:

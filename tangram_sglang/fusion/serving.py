@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tangram_sglang.fusion.merge import check_thresholds
 from tangram_sglang.memory.pool import RaggedPool
 
 BLOCK = 16  # slots per fused block: the paper's vLLM page
@@ -53,16 +54,11 @@ class SlotPairs:
         return cls(none, none)
 
 
-def check_threshold(threshold: float) -> None:
-    if not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"fusion threshold {threshold} is outside (0, 1]")
-
-
 class BatchFusion:
     """Finds the guarded member -> representative block pairs of one group in a batch."""
 
     def __init__(self, pool: RaggedPool, threshold: float, block: int = BLOCK) -> None:
-        check_threshold(threshold)
+        check_thresholds([threshold])
         if block < 1:
             raise ValueError(f"fusion block {block} must be >= 1")
         self.pool = pool
@@ -131,7 +127,14 @@ class BatchFusion:
             is_rep[mine[rep_of[mine] < 0]] = True
         return rep_of
 
-    def _best(self, features, unit, norms, mine, prior) -> torch.Tensor:
+    def _best(
+        self,
+        features: list[torch.Tensor],
+        unit: list[torch.Tensor],
+        norms: list[torch.Tensor],
+        mine: torch.Tensor,
+        prior: torch.Tensor,
+    ) -> torch.Tensor:
         """For each block of `mine`, the index into `prior` of its most similar block that
         passes the guard in every feature, or -1. Exact mode picks by cosine too (within
         float rounding of 1) and then keeps only a pick that is bit-identical."""

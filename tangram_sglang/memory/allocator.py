@@ -190,9 +190,14 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
         self.split_check: SplitCheck | None = None  # set where the split's shape is known
         self.fusion = fusion
-        self.extra = [
-            torch.zeros(s + pool.page_size, dtype=torch.int64, device=device) for s in pool.slots
-        ]  # per group slot, its owners beyond the first (Fast Fusion)
+        self.extra = (
+            [  # per group slot, its owners beyond the first (with fusion only)
+                torch.zeros(s + pool.page_size, dtype=torch.int64, device=device)
+                for s in pool.slots
+            ]
+            if fusion is not None
+            else []
+        )
         self.shared = [0] * G  # host: sum of extra per group
         self.fused = [0] * G  # host: group slots fusion gave back, since start
         self.clear()
@@ -648,12 +653,13 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             slots = mapped[mapped > 0]
             free = torch.cat((allocator.free_pages, allocator.release_pages)).long()
             distinct, owners_per_slot = torch.unique(slots, return_counts=True)
-            if not torch.equal(owners_per_slot - 1, self.extra[g][distinct]):
+            extra = self.extra[g][distinct] if self.extra else torch.zeros_like(distinct)
+            if not torch.equal(owners_per_slot - 1, extra):
                 problems.append(f"group {g}: a group slot's owners differ from its owner count")
-            if int(self.extra[g].sum()) != self.shared[g]:
+            counted = int(self.extra[g].sum()) if self.extra else 0
+            if counted != self.shared[g]:
                 problems.append(
-                    f"group {g}: {self.shared[g]} shared owners recorded, "
-                    f"{int(self.extra[g].sum())} counted"
+                    f"group {g}: {self.shared[g]} shared owners recorded, {counted} counted"
                 )
             if torch.isin(slots, free).any():
                 problems.append(f"group {g}: a mapped group slot is also free")
