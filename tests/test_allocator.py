@@ -14,7 +14,12 @@ from test_pool import workloads
 
 from tangram_sglang.attention.backend import KeptOwners
 from tangram_sglang.config import tp_conflicts
-from tangram_sglang.memory.allocator import TangramAllocator, TangramKVPool, build_tangram_pools
+from tangram_sglang.memory.allocator import (
+    FUSION_LOGICAL,
+    TangramAllocator,
+    TangramKVPool,
+    build_tangram_pools,
+)
 from tangram_sglang.memory.budget import BudgetRule, Workload, kept_tokens, session_slots
 from tangram_sglang.memory.layout import PoolLayout, rank_heads
 from tangram_sglang.memory.pool import PoolExhausted, RaggedPool
@@ -153,6 +158,11 @@ def test_built_pools_spend_the_full_kv_bytes_and_widen_the_logical_space():
     assert budget - 2 * (2 * 4 * 8 * 2 * 4) <= kv_pool.pool.total_bytes() <= budget
     assert allocator.size == 4 * full, f"logical slots {allocator.size} for ratio 0.25"
     assert kv_pool.method == "snapkv"
+    # Fast Fusion: a fused token costs a logical slot and no group slot.
+    _, fused = build_tangram_pools(
+        uniform_profile(model, 1.0), None, "snapkv", full, torch.float32, "cpu", 4, 64, fusion=0.9
+    )
+    assert fused.size == FUSION_LOGICAL * full and fused.fusion.threshold == 0.9
 
 
 def test_request_table_is_as_wide_as_the_largest_group_not_the_context():

@@ -15,7 +15,8 @@
 # Phases "sessions-stock" and "sessions-uniform" (not in the default list) run the same
 # sessions on stock SGLang (full KV) and with --kv-compression uniform at the same ratio;
 # "parity" runs them on PARITY_CONFIGS (stock with and without overlap scheduling, tangram 1.0
-# and 0.25; also stock-eager-prefill, uniform-R); "fp8" on
+# and 0.25; also stock-eager-prefill, uniform-R); "fusion" compares --kv-compression
+# fastfusion at 1.0 with stock in fp32 on a batch sending one prompt 3 times; "fp8" on
 # tangram 0.25, tangram 0.25 + FP8 KV and stock + FP8 KV; "profile" runs the parity load on
 # PROFILE_CONFIGS with the first PROFILE_STEPS (10) prefill and decode steps of each server
 # profiled, summarized in profile.md (bench/device/profile_summary.py); "serve" runs bench/serve.py

@@ -674,6 +674,10 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
 
 LOGICAL_CAP = 16  # the logical space is at most this many times the full-KV token count
+# With Fast Fusion the logical space holds at least this many times the full-KV tokens: a
+# fused token costs a logical slot but no group slot, and SGLang's raw-token gate counts
+# logical slots (the per-group gates of Budget Reservation still bound the bytes).
+FUSION_LOGICAL = 4
 
 
 def build_tangram_pools(
@@ -704,7 +708,7 @@ def build_tangram_pools(
     never holds more than the group has (SGLang's context length is often far longer).
     Under tensor parallelism each rank stores its own heads (`PoolLayout.shard`) with the
     slot counts every rank can hold (`agreed_pool_slots`). `fusion`: the Fast Fusion
-    threshold (None: off).
+    threshold (None: off); it widens the logical space (`FUSION_LOGICAL`).
     """
     shards = PoolLayout.from_profile(profile, ratio).shards(tp_size)
     layout = shards[tp_rank]
@@ -716,7 +720,10 @@ def build_tangram_pools(
     slots = agreed_pool_slots(shards, budget, demand, nbytes)
     width = max(1, min(max_context, max(slots)))
     pool = RaggedPool(layout, slots, dtype, device, max_requests, width)
-    logical = min(int(full_tokens / min(layout.ratios)), LOGICAL_CAP * full_tokens)
+    logical = int(full_tokens / min(layout.ratios))
+    if fusion is not None:
+        logical = max(logical, FUSION_LOGICAL * full_tokens)
+    logical = min(logical, LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
     batch_fusion = None if fusion is None else BatchFusion(pool, fusion)
     allocator = TangramAllocator(logical, kv_pool, rule, fusion=batch_fusion)
