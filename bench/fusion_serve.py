@@ -32,11 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve import config_args, pool_state  # noqa: E402
 
 from tangram_sglang.accuracy.chat import ChatFormat  # noqa: E402
 from tangram_sglang.accuracy.paths import flush, held_group_slots  # noqa: E402
@@ -52,19 +53,10 @@ BASELINE = "uniform-1.0"
 
 
 def config_flags(name: str) -> list[str]:
-    """`uniform-1.0`, `fastfusion-T`, `tangram-R` or `tangram-R+fusion-T` as server flags."""
-    base, _, fusion = name.partition("+fusion-")
-    kind, _, value = base.partition("-")
-    if kind == "fastfusion":
-        flags = ["--kv-compression", "fastfusion", "--tangram-fusion", value]
-    elif kind == "uniform":
-        flags = ["--kv-compression", "uniform", "--tangram-ratio", value]
-    elif kind == "tangram":
-        flags = ["--kv-compression", "tangram", "--tangram-profile", str(PROFILE)]
-        flags += ["--tangram-ratio", value]
-    else:
-        raise ValueError(f"configuration {name!r}: uniform-R, fastfusion-T, tangram-R[+fusion-T]")
-    return [*flags, *(["--tangram-fusion", fusion] if fusion else []), *COMMON]
+    """A configuration of `bench/serve.py` (`uniform-R`, `fastfusion-T`, `tangram-R` and
+    `+fusion-T`) as server flags, batches admitted whole and in arrival order."""
+    flags, _ = config_args(name, PROFILE)
+    return [*flags, *COMMON]
 
 
 def protected_span(ids: list[int], tokenizer, statements, question_tokens: int) -> set[int]:
@@ -106,14 +98,8 @@ def build_batches(args, tokenizer) -> list[dict]:
     return batches
 
 
-def pool_info(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=30).json()["internal_states"][0][
-        "tangram_pool"
-    ]
-
-
 def fusion_state(url: str) -> list[int]:
-    pool = pool_info(url)
+    pool = pool_state(url) or {}
     return list(pool["fusion"]["slots_given_back"]) if pool.get("fusion") else [0]
 
 
@@ -147,7 +133,7 @@ def serve(server, batches, args, cells: int, chat: ChatFormat) -> list[dict]:
         pairs = zip(batch["prompts"], replies, strict=True)
         tokens = sum(len(p) + len(r["output_ids"]) - 1 for p, r in pairs)
         given = [a - b for a, b in zip(fusion_state(server.url), before, strict=True)]
-        running = running_share(pool_info(server.url), batch["prompts"], replies, given, cells)
+        running = running_share(pool_state(server.url), batch["prompts"], replies, given, cells)
         out.append(
             {
                 "running_share": running,

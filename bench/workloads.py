@@ -94,17 +94,22 @@ class Generator:
     def lognormal(self, median: float, low: float, high: float) -> int:
         return self.n(min(high, max(low, self.rng.lognormvariate(0.0, 0.6) * median)))
 
+    def document(self) -> list[int]:
+        """A new document, or (similar-documents) the template with EDITED of it replaced."""
+        r = self.rng
+        if self.kind == "shared-context":
+            return self.ids(self.n(r.uniform(2048, 65536)))
+        if self.template is None:
+            self.template = self.ids(self.n(r.uniform(2048, 65536)))
+        document = list(self.template)
+        for at in r.sample(range(len(document)), max(1, round(EDITED * len(document)))):
+            document[at] = r.randrange(self.low, self.vocab)
+        return document
+
     def turns(self) -> list[Turn]:
         r = self.rng
         if self.kind in ("shared-context", "similar-documents"):
-            if self.kind == "shared-context":
-                document = self.ids(self.n(r.uniform(2048, 65536)))
-            else:
-                if self.template is None:
-                    self.template = self.ids(self.n(r.uniform(2048, 65536)))
-                document = list(self.template)
-                for at in r.sample(range(len(document)), max(1, round(EDITED * len(document)))):
-                    document[at] = r.randrange(self.low, self.vocab)
+            document = self.document()
             questions = r.randint(3, 8)
             first = Turn(document + self.ids(self.n(r.uniform(32, 96))), self.answer(64))
             follow = [

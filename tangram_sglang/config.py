@@ -54,6 +54,16 @@ class ConfigError(ValueError):
     """A flag or flag combination Tangram refuses; the message names the flag."""
 
 
+def _in_unit_interval(value: Any) -> bool:
+    """A number (not a bool, not NaN) in (0, 1]: a memory share or a fusion threshold."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+        and 0.0 < value <= 1.0
+    )
+
+
 @dataclass(frozen=True)
 class TangramConfig:
     """`mode` none (SGLang untouched), tangram (calibrated per-head profile), uniform
@@ -163,12 +173,7 @@ class TangramConfig:
                     "--kv-compression tangram or uniform, or remove them"
                 )
             return
-        if self.ratio is not None and (
-            isinstance(self.ratio, bool)
-            or not isinstance(self.ratio, (int, float))
-            or math.isnan(self.ratio)
-            or not 0.0 < self.ratio <= 1.0
-        ):
+        if self.ratio is not None and not _in_unit_interval(self.ratio):
             raise ConfigError(f"--tangram-ratio {self.ratio!r} is outside (0, 1]")
         if self.method is not None and self.method not in SCORERS:
             raise ConfigError(
@@ -180,12 +185,7 @@ class TangramConfig:
             raise ConfigError(
                 f"--tangram-kernels {self.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
             )
-        if self.fusion is not None and (
-            isinstance(self.fusion, bool)
-            or not isinstance(self.fusion, (int, float))
-            or math.isnan(self.fusion)
-            or not 0.0 < self.fusion <= 1.0
-        ):
+        if self.fusion is not None and not _in_unit_interval(self.fusion):
             raise ConfigError(
                 f"--tangram-fusion {self.fusion!r} is outside (0, 1]: the cosine a fused block "
                 "keeps to the block it reads (1.0: only bit-identical blocks)"

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import requests
-from server_sessions import VOCAB, flush_when_idle
+from server_sessions import VOCAB, flush_when_idle, pool_state
 
 from tangram_sglang.cpu.server import Launch, running_servers
 from tangram_sglang.models.tiny_tokenizer import SPECIAL_TOKENS
@@ -40,18 +40,13 @@ def generate_batch(server, prompts: list[list[int]]) -> list[dict]:
     return server.post("/generate", {"input_ids": prompts, "sampling_params": params})
 
 
-def _info(server) -> dict:
-    info = requests.get(f"{server.url}/server_info", timeout=30).json()
-    return info["internal_states"][0]["tangram_pool"]
-
-
 def session(server, prompts: list[list[int]], follow: list[int], plugin: bool = True) -> dict:
     flush_when_idle(server)  # the server's warm-up request stays cached otherwise
-    start = _info(server) if plugin else None
+    start = pool_state(server) if plugin else None
     first = generate_batch(server, prompts)
-    fused = _info(server)["fusion"] if plugin else None
+    fused = pool_state(server)["fusion"] if plugin else None
     second = server.generate(prompts[0] + first[0]["output_ids"] + follow, NEW_TOKENS)
-    held = _info(server) if plugin else None
+    held = pool_state(server) if plugin else None
     flush_when_idle(server)
     return {
         "answers": [r["output_ids"] for r in first],
@@ -60,7 +55,7 @@ def session(server, prompts: list[list[int]], follow: list[int], plugin: bool = 
         "fusion": fused,
         "start": start,
         "held": held,
-        "flushed": _info(server) if plugin else None,
+        "flushed": pool_state(server) if plugin else None,
         "log": server.log(),
     }
 
@@ -70,20 +65,20 @@ def aborted(server, prompts: list[list[int]]) -> dict:
     requests' shared slots go back with their last owner."""
     params = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
     payload = {"input_ids": prompts, "sampling_params": params}
-    before = sum(_info(server)["fusion"]["slots_given_back"])
+    before = sum(pool_state(server)["fusion"]["slots_given_back"])
     worker = threading.Thread(
         target=lambda: requests.post(f"{server.url}/generate", json=payload, timeout=300)
     )
     worker.start()
     deadline = time.monotonic() + 120
-    while sum(_info(server)["fusion"]["slots_given_back"]) == before:
+    while sum(pool_state(server)["fusion"]["slots_given_back"]) == before:
         assert time.monotonic() < deadline, "the batch never fused"
         time.sleep(0.2)
-    shared = _info(server)["fusion"]["shared_owners"]
+    shared = pool_state(server)["fusion"]["shared_owners"]
     requests.post(f"{server.url}/abort_request", json={"abort_all": True}, timeout=30)
     worker.join(timeout=120)
     flush_when_idle(server)
-    return {"shared_while_running": shared, "flushed": _info(server)}
+    return {"shared_while_running": shared, "flushed": pool_state(server)}
 
 
 @pytest.fixture(scope="module")

@@ -176,30 +176,38 @@ sessions() {  # sessions NAME JSON SERVER-ARGS...: serve, run the sessions check
     | awk '{print $2}' | sort -n | tail -1)"
   halt "$name"
 }
-greedy_pair() {  # greedy_pair TAG STOCK-ARGS... -- TANGRAM-ARGS...: stock, then tangram at
-  # ratio 1.0 (both with SERVER_ENV), the same greedy prompts, compared; sets rc
+greedy_pair() {  # greedy_pair TAG STOCK-ARGS... -- PLUGIN-ARGS...: stock, then our plugin
+  # with PLUGIN-ARGS (both with SERVER_ENV), the same greedy prompts (GREEDY_EXTRA adds to
+  # them), compared; PLUGIN_CHECK adds to the plugin server's check; sets rc
   local tag=$1 stock_args=() env=("${SERVER_ENV[@]}"); shift
   while [ "$1" != -- ]; do stock_args+=("$1"); shift; done; shift
-  local g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48)
+  local g=(greedy --vocab "$VOCAB" --seed 7 --prompts 8 --max-prompt 1024 --new-tokens 48
+    ${GREEDY_EXTRA[@]+"${GREEDY_EXTRA[@]}"})
+  local pc=(${PLUGIN_CHECK[@]+"${PLUGIN_CHECK[@]}"}) prc
   rc=1
   SERVER_ENV=("${env[@]}" SGLANG_PLUGINS=none-stock-sglang)  # stock: our plugin not loaded
   if serve "stock-$tag" "$MODEL" --skip-tokenizer-init "${stock_args[@]}"; then
     check "${g[@]}" --url "$URL" --out "$OUT/greedy-stock-$tag.json"
     halt "stock-$tag"
     SERVER_ENV=("${env[@]}")
-    if serve "tangram-$tag-r1.0" "$MODEL" --skip-tokenizer-init "${tangram[@]}" \
-        --tangram-ratio 1.0 "$@"; then
-      check "${g[@]}" --url "$URL" --out "$OUT/greedy-tangram-$tag.json"
-      halt "tangram-$tag-r1.0"
+    if serve "plugin-$tag" "$MODEL" --skip-tokenizer-init "$@"; then
+      check "${g[@]}" ${pc[@]+"${pc[@]}"} --url "$URL" --out "$OUT/greedy-tangram-$tag.json"
+      prc=$?
+      halt "plugin-$tag"
       check compare "$OUT/greedy-stock-$tag.json" "$OUT/greedy-tangram-$tag.json" \
         --out "$OUT/greedy-compare-$tag.json"
-      rc=$?
+      rc=$(worst "$prc" "$?")
     fi
   fi
   halt "stock-$tag"; SERVER_ENV=()
 }
 worst() { for r in "$@"; do [ "$r" = 0 ] || { echo "$r"; return; }; done; echo 0; }
 
+# The fp32 greedy comparisons' servers. No graphs for stock: its prefill graphs capture 58
+# sizes, slow with native fp32 ops.
+fp32_stock=(--dtype float32 --attention-backend "${STOCK_BACKEND:-triton}"
+  --disable-decode-cuda-graph --disable-prefill-cuda-graph)
+fp32_plugin=(--dtype float32 --max-running-requests 64 --cuda-graph-max-bs-decode 8)
 declare -A RC
 for phase in ${PHASES:-gputests greedy sessions frontend}; do
   say "== phase $phase"
@@ -217,40 +225,23 @@ for phase in ${PHASES:-gputests greedy sessions frontend}; do
       SERVER_ENV=(TRITON_F32_DEFAULT=ieee)
       # SGLang's CUDA custom ops have no fp32 kernels: native torch forwards in both servers.
       [ "$DEVICE" = cpu ] || SERVER_ENV+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
-      # No graphs for stock: its prefill graphs capture 58 sizes, slow with native fp32 ops.
-      greedy_pair fp32 --dtype float32 --attention-backend "${STOCK_BACKEND:-triton}" \
-        --disable-decode-cuda-graph --disable-prefill-cuda-graph \
-        -- --dtype float32 --max-running-requests 64 --cuda-graph-max-bs-decode 8 ;;
+      greedy_pair fp32 "${fp32_stock[@]}" \
+        -- "${tangram[@]}" --tangram-ratio 1.0 "${fp32_plugin[@]}" ;;
     greedy-flashinfer)  # --tangram-kernels flashinfer at 1.0 against stock's FlashInfer
       # backend, bf16, decode graphs on (FlashInfer has no fp32 decode: tokens may part where
       # two logits tie within bf16 rounding; the comparison reports where)
       SERVER_ENV=()
       greedy_pair flashinfer --attention-backend flashinfer \
-        -- --tangram-kernels flashinfer --max-running-requests 64 ;;
+        -- "${tangram[@]}" --tangram-ratio 1.0 --tangram-kernels flashinfer \
+        --max-running-requests 64 ;;
     fusion)  # --kv-compression fastfusion at 1.0 against stock, fp32 as the greedy phase, with
       # one prompt sent 3 times in one batch: stored once (slots given back), stock's tokens
       SERVER_ENV=(TRITON_F32_DEFAULT=ieee)
       [ "$DEVICE" = cpu ] || SERVER_ENV+=("PYTHONPATH=$REPO/bench/device/fp32_shim:$PYTHONPATH")
-      f=(greedy --vocab "$VOCAB" --seed 11 --prompts 2 --max-prompt 512 --new-tokens 32 --duplicates)
-      rc=1
-      SERVER_ENV+=(SGLANG_PLUGINS=none-stock-sglang)
-      if serve stock-fusion "$MODEL" --skip-tokenizer-init --dtype float32 \
-          --attention-backend "${STOCK_BACKEND:-triton}" --disable-decode-cuda-graph \
-          --disable-prefill-cuda-graph; then
-        check "${f[@]}" --url "$URL" --out "$OUT/greedy-stock-fusion.json"
-        halt stock-fusion
-        unset 'SERVER_ENV[-1]'
-        if serve fastfusion-1.0 "$MODEL" --skip-tokenizer-init --dtype float32 \
-            --kv-compression fastfusion --tangram-fusion 1.0 --max-running-requests 64 \
-            --cuda-graph-max-bs-decode 8; then
-          check "${f[@]}" --expect-fusion --url "$URL" --out "$OUT/greedy-fastfusion.json"; frc=$?
-          halt fastfusion-1.0
-          check compare "$OUT/greedy-stock-fusion.json" "$OUT/greedy-fastfusion.json" \
-            --out "$OUT/greedy-compare-fusion.json"
-          rc=$(worst "$frc" "$?")
-        fi
-      fi
-      halt stock-fusion; SERVER_ENV=() ;;
+      GREEDY_EXTRA=(--duplicates); PLUGIN_CHECK=(--expect-fusion)
+      greedy_pair fusion "${fp32_stock[@]}" \
+        -- --kv-compression fastfusion --tangram-fusion 1.0 "${fp32_plugin[@]}"
+      GREEDY_EXTRA=(); PLUGIN_CHECK=() ;;
     sessions)
       sessions tangram-r0.25 sessions.json "${tangram[@]}" --tangram-ratio 0.25 ;;
     sessions-uniform)  # the same sessions, one ratio for every head (the fair baseline)
