@@ -6,9 +6,10 @@ batch (SGLang's radix cache cannot share it, none of them is cached yet) is stor
 and every answer is stock's, token for token, on this turn and the next (which must hit
 the radix cache through the shared slots). At 0.95, edited copies of one document (a few
 tokens swapped, same positions) share blocks too, and such a batch aborted while it
-decodes gives its shared slots back. Either way the pools return to their start after
-`/flush_cache`, no slot stays reserved, and the strict idle check (every slot's owners
-against its count, `TANGRAM_STRICT_POOL_CHECK`) finds nothing.
+decodes gives its shared slots back; sent one by one (each its own batch), later copies
+read the blocks the first one left in the radix cache. Either way the pools return to
+their start after `/flush_cache`, no slot stays reserved, and the strict idle check
+(every slot's owners against its count, `TANGRAM_STRICT_POOL_CHECK`) finds nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def session(server, prompts: list[list[int]], follow: list[int], plugin: bool = 
     }
 
 
+def one_by_one(server, prompts: list[list[int]]) -> dict:
+    """Each prompt alone, after the previous one finished (so in its own batch, with a
+    radix hit up to its first edited token): what each one gave back to the pools."""
+    flush_when_idle(server)
+    given_back = []
+    for prompt in prompts:
+        before = pool_state(server)["fusion"]["slots_given_back"][0]
+        server.generate(prompt, NEW_TOKENS)
+        given_back.append(pool_state(server)["fusion"]["slots_given_back"][0] - before)
+    flush_when_idle(server)
+    return {"given_back": given_back, "flushed": pool_state(server), "log": server.log()}
+
+
 def aborted(server, prompts: list[list[int]]) -> dict:
     """The batch decoding long answers, aborted once fusion shared its blocks: the
     requests' shared slots go back with their last owner."""
@@ -109,6 +123,7 @@ def runs(model_dir, tmp_path_factory):
         # Edited copies: exact ones stop sharing once the radix cache adopts the twins' slots.
         results["aborted"] = aborted(servers["near"], edited)
         results["aborted"]["log"] = servers["near"].log()
+        results["one_by_one"] = one_by_one(servers["near"], edited)
     return seed, results
 
 
@@ -137,7 +152,18 @@ def test_edited_copies_of_a_document_share_their_unedited_blocks(runs):
     assert len(near["answers"]) == 3 and all(len(a) == NEW_TOKENS for a in near["answers"])
 
 
-@pytest.mark.parametrize("name", ["exact", "near", "aborted"])
+def test_edited_copies_sent_one_by_one_share_the_blocks_earlier_batches_left(runs):
+    """Fusion across batches: the first copy stays in the radix cache, each later copy
+    (its own batch, starting at its first edited token) reads its unedited blocks."""
+    seed, results = runs
+    given_back = results["one_by_one"]["given_back"]
+    assert given_back[0] == 0 and all(n >= 16 for n in given_back[1:]), (
+        f"seed {seed}: copies sent one by one gave back {given_back} slots (their last five "
+        "blocks are the same tokens at the same positions as the first copy's)"
+    )
+
+
+@pytest.mark.parametrize("name", ["exact", "near", "aborted", "one_by_one"])
 def test_pools_return_to_their_start_and_the_idle_checks_stay_clean(runs, name):
     """After the sessions, and after a fused batch aborted while it decodes."""
     seed, results = runs

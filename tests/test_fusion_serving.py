@@ -238,3 +238,81 @@ def test_the_radix_tree_promises_only_what_evicting_shared_slots_frees():
         f"seed {seed}: tree counts {counted}, promises {promised}, eviction freed {freed}"
     )
     assert a.leaks() == [] and a.shared == [0] * G
+
+
+def extend_chunk(a: TangramAllocator, row: int, prefix: torch.Tensor, doc: int, total: int, n: int):
+    """One extend batch of one request: the next `n` tokens of document `doc` (of `total`)
+    after its `prefix` logical slots, stored at their positions, then fused."""
+    new = a.alloc(n)
+    state = a.begin_extend([row], [prefix], [new])
+    start = prefix.numel()
+    for layer, (k, v) in enumerate(layer_kv(doc, total, a)):
+        for g in range(a.pool.num_groups):
+            heads = list(a.pool.heads_in(g, layer))
+            if heads:
+                a.pool.write(
+                    layer,
+                    g,
+                    state.segments[0].slots[g],
+                    k[start : start + n, heads],
+                    v[start : start + n, heads],
+                )
+    a.fuse(state)
+    return torch.cat((prefix, new))
+
+
+def test_a_copy_prefilled_in_later_chunks_shares_the_live_blocks_of_an_earlier_batch():
+    """Chunked prefill puts copies in different batches at offsets that are not block
+    multiples: blocks are cut at row positions, so a later chunk's blocks still meet the
+    earlier request's blocks at the same positions, and read them."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    a = make_allocator(seed, 1.0, compressed=False)
+    start = a.pool.free_slots()
+    n = rng.randint(4, 7) * BLOCK + rng.randrange(BLOCK)
+    first = extend_chunk(a, 1, a.alloc(0), 9, n, n)  # batch 1: the whole document
+    assert a.fused == [0] * a.pool.num_groups
+    cut = rng.randrange(1, BLOCK)  # batch 2: the copy's first `cut` tokens; batch 3: the rest
+    second = extend_chunk(a, 2, a.alloc(0), 9, n, cut)
+    second = extend_chunk(a, 2, second, 9, n, n - cut)
+    shared = (n // BLOCK - 1) * BLOCK  # the copy's whole blocks after its first chunk
+    assert a.fused == [shared] * a.pool.num_groups, f"seed {seed}: cut {cut}: {a.fused}"
+    for g in range(a.pool.num_groups):
+        one, two = (a.pool.req_to_slot[g, r, :n] for r in (1, 2))
+        blocks = slice(BLOCK, BLOCK + shared)
+        assert torch.equal(one[blocks], two[blocks]), f"seed {seed}: group {g} not shared"
+        for layer in range(a.pool.num_layers):
+            if a.pool.heads_in(g, layer):
+                assert torch.equal(read_row(a, 1, g, layer), read_row(a, 2, g, layer))
+    for logical in rng.sample([first, second], 2):
+        a.free(logical)
+        assert a.leaks() == [] and a.count_leaks() == [], f"seed {seed}: {a.leaks()}"
+    assert a.pool.free_slots() == start and a.shared == [0] * a.pool.num_groups
+
+
+def test_a_block_whose_slots_went_back_to_the_pool_is_never_shared_again():
+    """The earlier request is freed and other KV reuses its slots: the copy that follows
+    finds no live block to read (not the refilled slots), stores its own KV and reads it."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    n = 4 * BLOCK
+    a = make_allocator(seed, 1.0, compressed=False, slots=3 * n)
+    first = extend_chunk(a, 1, a.alloc(0), 9, n, n)
+    assert len(a.fusion.live) == 4 * a.pool.num_groups
+    a.free(first)
+    a.release_row(1)
+    other = extend_chunk(a, 3, a.alloc(0), 5, 2 * n, 2 * n)
+    copy = extend_chunk(a, 2, a.alloc(0), 9, n, n) if rng.random() < 0.5 else None
+    if copy is None:  # or with the refilled slots given back first
+        a.free(other)
+        copy = extend_chunk(a, 2, a.alloc(0), 9, n, n)
+    assert a.fused == [0] * a.pool.num_groups, f"seed {seed}: shared a freed block"
+    own = layer_kv(9, n, a)
+    for g in range(a.pool.num_groups):
+        for layer in range(a.pool.num_layers):
+            heads = list(a.pool.heads_in(g, layer))
+            if heads:
+                assert torch.equal(read_row(a, 2, g, layer), own[layer][0][:, heads]), (
+                    f"seed {seed}: group {g} layer {layer} reads another document's K"
+                )
+    assert a.leaks() == [] and a.count_leaks() == []

@@ -39,9 +39,10 @@ Fast Fusion (`--tangram-fusion`, `tangram_sglang.fusion.serving`): after an exte
 block of new group slots nearly identical to another request's may *share* it: its
 logical slots map to the representative's group slots and its own return to the free
 pool. A group slot then has several owners; `extra[g][slot]` counts the owners beyond the
-first and `free` releases the slot with its last owner. `shared[g]` (host) is their sum,
-what the mapped counts hold beyond the distinct slots and what the radix tree's
-evictable count must not promise (`radix.evictable_group_slots`).
+first and `free` releases the slot with its last owner (and unstamps it, so that no later
+batch shares a block the pool took back: `fusion.serving.LiveBlocks`). `shared[g]` (host)
+is their sum, what the mapped counts hold beyond the distinct slots and what the radix
+tree's evictable count must not promise (`radix.evictable_group_slots`).
 """
 
 from __future__ import annotations
@@ -224,7 +225,10 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         flat, held = self._compact_batch([index])  # one device read, not one per group
         for g, allocator in enumerate(self.pool.allocators):
             if int(held[g, 0]):
-                allocator.free(self._last_owners(g, flat[g, : int(held[g, 0])]))
+                dead = self._last_owners(g, flat[g, : int(held[g, 0])])
+                if self.fusion is not None:
+                    self.fusion.live.forget(g, dead)
+                allocator.free(dead)
         self.logical_to_group.index_fill_(1, index, 0)
         self.logical.free(index)
 
@@ -249,6 +253,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens.zero_()
         for extra in self.extra:
             extra.zero_()
+        if self.fusion is not None:
+            self.fusion.live.clear()
         self.shared = [0] * self.pool.num_groups
         self.budget.clear()
         self.is_not_in_free_group = True
@@ -333,13 +339,20 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
 
     def fuse(self, state: ForwardState) -> None:
         """After an extend forward stored (and owned) its KV: per group, the batch's new
-        blocks that pass the fusion guard share an earlier request's slots."""
-        if self.fusion is None or state.mode != "extend" or len(state.segments) < 2:
+        blocks that pass the fusion guard share the slots of an earlier request's block at
+        the same position, in this batch or left by an earlier one; the blocks that shared
+        nothing become the live representatives for later batches."""
+        if self.fusion is None or state.mode != "extend":
             return
         for g in range(self.pool.num_groups):
-            pairs = self.fusion.pairs(g, [seg.slots[g] for seg in state.segments])
+            pairs = self.fusion.pairs(
+                g,
+                [seg.slots[g] for seg in state.segments],
+                [seg.prefix_lens[g] for seg in state.segments],
+            )
             if pairs.member.numel():
                 self.share(g, pairs.member, pairs.rep, state.segments)
+            self.fusion.live.add(g, pairs.new_reps)
 
     def share(
         self,
@@ -622,6 +635,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
                 "block": self.fusion.block,
                 "shared_owners": list(self.shared),
                 "slots_given_back": list(self.fused),
+                "live_blocks": len(self.fusion.live),
             },
         }
 
