@@ -19,6 +19,12 @@ to `uniform-1.0`'s token for token, and the KV the batch holds while it runs and
 is cached, as shares of full KV ((layer, kv head) slots / (tokens x layers x kv heads)),
 with the group slots fusion gave back.
 
+`--one-by-one` sends a sample's copies one after the other instead (each its own batch,
+the earlier ones cached by then: fusion across batches, and a later copy's match ending
+inside the first one's compressed turn at its first edit); "KV once cached" is then what
+the copies hold together. `--server-args` adds flags to every server (e.g.
+`--tangram-cut-reuse 0`: reuse every such cut).
+
     python bench/fusion_serve.py --samples 6 --out bench/results/fusion-serve-<date>
 """
 
@@ -125,15 +131,25 @@ def serve(server, batches, args, cells: int, chat: ChatFormat) -> list[dict]:
     for batch in batches:
         flush(server.url)
         before = fusion_state(server.url)
-        replies = server.post(
-            "/generate", {"input_ids": batch["prompts"], "sampling_params": params}, timeout=600
-        )
+        if args.one_by_one:  # each copy its own batch, after the previous one finished
+            replies = [
+                server.post("/generate", {"input_ids": p, "sampling_params": params}, timeout=600)
+                for p in batch["prompts"]
+            ]
+        else:
+            replies = server.post(
+                "/generate", {"input_ids": batch["prompts"], "sampling_params": params}, timeout=600
+            )
         time.sleep(0.2)  # the last request's slots reach the tree
         held = held_group_slots(server.url)
         pairs = zip(batch["prompts"], replies, strict=True)
         tokens = sum(len(p) + len(r["output_ids"]) - 1 for p, r in pairs)
         given = [a - b for a, b in zip(fusion_state(server.url), before, strict=True)]
-        running = running_share(pool_state(server.url), batch["prompts"], replies, given, cells)
+        running = (
+            None  # one by one, the earlier copies are cached while a copy runs: "once cached"
+            if args.one_by_one
+            else running_share(pool_state(server.url), batch["prompts"], replies, given, cells)
+        )
         out.append(
             {
                 "running_share": running,
@@ -161,7 +177,9 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         table[name] = {
             "accuracy": sum(c for r in rows for c in r["correct"]) / len(answers),
             "same_answers_as_baseline": same,
-            "running_share": sum(r["running_share"] * r["tokens"] for r in rows)
+            "running_share": None
+            if rows[0]["running_share"] is None
+            else sum(r["running_share"] * r["tokens"] for r in rows)
             / sum(r["tokens"] for r in rows),
             "held_share": sum(r["held_share"] * r["tokens"] for r in rows)
             / sum(r["tokens"] for r in rows),
@@ -180,7 +198,13 @@ def markdown(args, table: dict, seconds: float) -> str:
         f"- Command: `python bench/fusion_serve.py {' '.join(sys.argv[1:])}`",
         f"- Device: CPU, fp32, SGLang 0.5.17 server per configuration; {seconds:.0f} s",
         f"- Workload: {args.samples} samples of `{args.task}` at ~{args.words} words; each sent "
-        f"as one batch of {args.batch} copies, all but the first with {args.edits} document "
+        + (
+            f"as {args.batch} copies one by one (each its own batch, after the previous one "
+            "finished: fusion across batches)"
+            if args.one_by_one
+            else f"as one batch of {args.batch} copies"
+        )
+        + f", all but the first with {args.edits} document "
         "tokens replaced (same length and positions); greedy, "
         f"{args.max_new_tokens} new tokens",
         "- KV while running: (layer, kv head) slots the batch holds while it decodes (every "
@@ -195,9 +219,10 @@ def markdown(args, table: dict, seconds: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        same = row["same_answers_as_baseline"]
+        same, running = row["same_answers_as_baseline"], row["running_share"]
         lines.append(
-            f"| {name} | {row['running_share']:.3f} | {row['held_share']:.3f} | "
+            f"| {name} | {'-' if running is None else f'{running:.3f}'} | "
+            f"{row['held_share']:.3f} | "
             f"{100 * row['accuracy']:.1f} | "
             f"{'-' if same is None else f'{100 * same:.1f}'} | {row['slots_given_back']} |"
         )
@@ -211,18 +236,24 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    share = "running_share" if next(iter(table.values()))["running_share"] is not None else None
+    share = share or "held_share"
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for key, marker, label in (
         ("accuracy", "o", "accuracy"),
         ("same_answers_as_baseline", "s", f"answers = {BASELINE}'s"),
     ):
-        xs = [row["running_share"] for row in table.values()]
+        xs = [row[share] for row in table.values()]
         ys = [100 * (row[key] or 0) for row in table.values()]
         ax.scatter(xs, ys, marker=marker, label=label)
     for i, (name, row) in enumerate(table.items()):  # labels alternate above and below
-        ax.annotate(name, (row["running_share"], 100 * row["accuracy"]), fontsize=7,
+        ax.annotate(name, (row[share], 100 * row["accuracy"]), fontsize=7,
                     xytext=(4, 6 if i % 2 else -12), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("KV held while the batch runs (share of full KV)")
+    ax.set_xlabel(
+        "KV held while the batch runs (share of full KV)"
+        if share == "running_share"
+        else "KV held once the copies are cached (share of full KV)"
+    )
     ax.set_ylabel("%")
     ax.set_title("Fast Fusion on near-copies of one document (SmolLM2, CPU server)")
     ax.legend(loc="lower right")
@@ -243,6 +274,12 @@ def main(argv=None) -> int:
     ap.add_argument("--words", type=int, default=300)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--edits", type=int, default=3)
+    ap.add_argument("--server-args", default="", help="extra flags for every server")
+    ap.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="send a sample's copies one after the other (fusion across batches)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=2, help="servers started side by side")
@@ -265,7 +302,8 @@ def main(argv=None) -> int:
     batches = build_batches(args, tokenizer)
     chat = ChatFormat(tokenizer)
     names = args.configs.split(",")
-    launches = {n: Launch(config_flags(n), attention=None) for n in names}
+    extra = args.server_args.split()
+    launches = {n: Launch([*config_flags(n), *extra], attention=None) for n in names}
     results: dict[str, list[dict]] = {}
     logs = Path(tempfile.mkdtemp(prefix="fusion-serve-logs-"))  # the servers' logs
     for i in tqdm(range(0, len(names), args.parallel), desc="servers"):

@@ -117,6 +117,18 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         "1.0 shares only bit-identical blocks (lossless). With --kv-compression tangram or "
         "uniform; fastfusion's default is 0.95.",
     )
+    group.add_argument(
+        "--tangram-cut-reuse",
+        type=float,
+        metavar="SHARE",
+        help="A cached prefix that ends inside another request's compressed turn keeps, per "
+        "head group, only the slots all its heads filled before the cut; it is reused only "
+        "if every group keeps at least SHARE of what compressing that part afresh keeps, "
+        "else the request recomputes it from the turn's start, and its own turn is then "
+        "not cached. Default 0 (always reuse); 0.5 for near-duplicate documents without a "
+        "shared head, where a lossy cut cost accuracy; not with a shared system prompt, "
+        "whose later sessions would lose their radix hits.",
+    )
 
 
 def unsupported(args: Any) -> list[str]:
@@ -146,6 +158,13 @@ def unsupported(args: Any) -> list[str]:
         found.append(
             f"Fast Fusion with tensor parallelism (--tp-size {args.tp_size}: each rank would "
             "fuse its own heads differently, and the ranks' pools must agree)"
+        )
+    cut_reuse = getattr(args, "tangram_cut_reuse", None)
+    if cut_reuse is not None and cut_reuse > 0 and args.tp_size > 1:
+        found.append(
+            f"--tangram-cut-reuse {cut_reuse} with tensor parallelism (--tp-size "
+            f"{args.tp_size}: each rank holds other heads, so each would judge a cut by its "
+            "own, and the ranks must agree on every match; it is off, 0, there)"
         )
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")

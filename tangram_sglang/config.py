@@ -1,4 +1,4 @@
-"""Tangram's serving settings: the seven CLI flags as one value, checked once at start-up.
+"""Tangram's serving settings: the eight CLI flags as one value, checked once at start-up.
 
 The flags reach every SGLang process as attributes of its `ServerArgs` (see
 `tangram_sglang.patches.server_args`); `TangramConfig.from_server_args` reads them back in
@@ -37,6 +37,7 @@ FLAGS = {
     "workload": "--tangram-workload",
     "kernels": "--tangram-kernels",
     "fusion": "--tangram-fusion",
+    "cut_reuse": "--tangram-cut-reuse",
 }
 ATTRIBUTES = {
     "mode": "kv_compression",
@@ -46,6 +47,7 @@ ATTRIBUTES = {
     "workload": "tangram_workload",
     "kernels": "tangram_kernels",
     "fusion": "tangram_fusion",
+    "cut_reuse": "tangram_cut_reuse",
 }
 WORKLOAD_FIELDS = ("context", "turns", "user_tokens", "answer_tokens")
 
@@ -78,6 +80,7 @@ class TangramConfig:
     workload: str | None = None
     kernels: str | None = None
     fusion: float | None = None
+    cut_reuse: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -162,11 +165,7 @@ class TangramConfig:
         if self.mode not in MODES:
             raise ConfigError(f"--kv-compression {self.mode!r} is not one of {', '.join(MODES)}")
         if not self.enabled:
-            stray = [
-                FLAGS[f]
-                for f in ("profile", "ratio", "method", "workload", "kernels", "fusion")
-                if getattr(self, f) is not None
-            ]
+            stray = [FLAGS[f] for f in FLAGS if f != "mode" and getattr(self, f) is not None]
             if stray:
                 raise ConfigError(
                     f"{', '.join(stray)} given without --kv-compression: add "
@@ -189,6 +188,16 @@ class TangramConfig:
             raise ConfigError(
                 f"--tangram-fusion {self.fusion!r} is outside (0, 1]: the cosine a fused block "
                 "keeps to the block it reads (1.0: only bit-identical blocks)"
+            )
+        if self.cut_reuse is not None and not (
+            isinstance(self.cut_reuse, (int, float))
+            and not isinstance(self.cut_reuse, bool)
+            and 0.0 <= self.cut_reuse <= 1.0
+        ):
+            raise ConfigError(
+                f"--tangram-cut-reuse {self.cut_reuse!r} is outside [0, 1]: the share of a "
+                "fresh compression's kept tokens a cached prefix ending inside a compressed "
+                "turn must keep to be reused (0: always reuse, 1: only lossless cuts)"
             )
         if self.mode == "fastfusion" and (self.profile or self.ratio is not None):
             raise ConfigError(

@@ -190,7 +190,9 @@ def run_conversation(server, seed: int) -> dict:
         turns.append((len(history), reply["meta_info"]["cached_tokens"]))
         history = history + reply["output_ids"] + ids(40)
     own = [t for t in ids(30) if t != history[SYSTEM]]
+    cuts = pool_state(server)["lossy_cuts"]
     shared = server.generate(history[:SYSTEM] + own, NEW_TOKENS)
+    cut = {k: v - cuts[k] for k, v in pool_state(server)["lossy_cuts"].items() if k != "share"}
     frontend = frontend_program(server)
     refused = never_fits(server, ids, start["slots"])
     bad_ids = [
@@ -203,6 +205,7 @@ def run_conversation(server, seed: int) -> dict:
         "start": start,
         "turns": turns,
         "shared": (shared["meta_info"]["cached_tokens"], len(shared["output_ids"])),
+        "shared_cut": cut,
         "frontend": frontend,
         "refused": refused,
         "bad_ids": bad_ids,

@@ -5,7 +5,9 @@ With `--kv-compression none` the plugin must leave SGLang exactly stock: same gr
 `--kv-compression uniform --tangram-ratio 1.0` (the tangram backend, ragged pools and
 radix cache, keeping everything) it must give stock's greedy tokens too. With the shipped
 profile at ratio 0.25 a conversation must reuse its compressed turns from the radix cache,
-a second session sharing its first tokens must reuse them from inside a compressed turn,
+a second session sharing its first tokens must reuse them from inside a compressed turn
+where the cut keeps enough (`--tangram-cut-reuse 0.5`), else recompute from the chunk's
+start, as the server reports,
 and `/flush_cache` must return every head-group pool to its capacity; a request that can
 never fit its head groups gets an error while the server keeps serving, and no slot stays
 reserved once the conversation is done (Budget Reservation). That server prefills in
@@ -36,6 +38,8 @@ from tangram_sglang.cpu.server import Launch, failed_start, running_servers
 
 pytestmark = pytest.mark.server
 
+CUT_REUSE = ("--tangram-cut-reuse", "0.5")  # the conversation's shared session is judged
+
 
 @pytest.fixture(scope="module")
 def transcripts(model_dir, tmp_path_factory):
@@ -47,7 +51,7 @@ def transcripts(model_dir, tmp_path_factory):
         "stock": Launch(plugins=False),
         # Naming the flag proves the plugin's hooks are live: stock SGLang rejects it.
         "plugin": Launch(["--kv-compression", "none"]),
-        **compressed_launches(),
+        **compressed_launches(*CUT_REUSE),
     }
     with running_servers(model_dir, tmp_path_factory.mktemp("logs"), launches) as servers:
         stock, plugin, uniform = (
@@ -91,11 +95,18 @@ def test_compressed_turns_are_reused_from_the_radix_cache(transcripts):
 
 
 def test_a_session_sharing_part_of_a_compressed_turn_reuses_that_part(transcripts):
+    """Reused where the cut keeps enough of the chunk's kept slots (--tangram-cut-reuse),
+    else recomputed from the chunk's start: what the server says it decided is what the
+    request got."""
     seed, _, _, _, _, conversation = transcripts
     cached, produced = conversation["shared"]
-    assert (cached, produced) == (SYSTEM, NEW_TOKENS), (
+    cut = conversation["shared_cut"]
+    assert sum(cut.values()) == 1, f"seed {seed}: lossy-cut decisions {cut}, expected one"
+    expected = SYSTEM if cut["reused"] else SYSTEM // CHUNK * CHUNK
+    assert (cached, produced) == (expected, NEW_TOKENS), (
         f"seed {seed}: a session sharing the first {SYSTEM} tokens (inside a compressed "
-        f"chunk of the first session's turn) reused {cached} and produced {produced} tokens"
+        f"chunk of the first session's turn; the cut {cut}) reused {cached} and produced "
+        f"{produced} tokens, expected {expected}"
     )
 
 

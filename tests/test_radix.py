@@ -45,8 +45,12 @@ def make_cache(seed: int, slots: int = 600):
     return tree_over(allocator), allocator
 
 
-def match(cache, tokens):
-    return cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens))))
+class Request:
+    """What admission's match passes as `req` (only its identity is read)."""
+
+
+def match(cache, tokens, req: Request | None = None):
+    return cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens)), req=req))
 
 
 def path_len(node) -> int:
@@ -391,7 +395,14 @@ def test_the_start_up_self_test_passes_and_names_a_drifting_or_missing_override(
 # (docs/architecture.md, host work per step); a new read fails here.
 RADIX_WAITS = {
     "insert": {"read allocator.py:starts_segment": 2, "read allocator.py:group_counts": 1},
-    "split": {"read allocator.py:group_counts": 1},
+    # A match that splits a node reads the head's counts and whether the cut is clean;
+    # a cut inside a compressed segment reads where the segment starts and what the cut
+    # keeps (`lossy_cut`), and one too lossy splits again at the segment's start.
+    "split": {
+        "read allocator.py:split_facts": 2,
+        "read allocator.py:lossy_cut": 2,
+        "read allocator.py:group_counts": 1,
+    },
     "evict": {"read allocator.py:_compact_batch": 1},
 }
 
@@ -422,7 +433,7 @@ def test_caching_a_turn_reads_the_device_only_at_known_sites(monkeypatch):
         counter.events.clear()
         cache.insert(InsertParams(key=RadixKey(tokens), value=values))
         counts["insert"], counter.events[:] = by_site(counter.events), []
-        match(cache, tokens[: rng.randint(5, len(tokens) - 5)])
+        match(cache, tokens[: rng.randint(5, len(tokens) - 5)], Request())
         counts["split"], counter.events[:] = by_site(counter.events), []
         cache.evict(EvictParams(num_tokens=1))
         counts["evict"] = by_site(counter.events)
@@ -462,4 +473,48 @@ def test_requests_prefilled_together_keep_their_own_tails_where_nothing_was_comp
     for key in keys:
         held = match(cache, key).device_indices.numel()
         assert held == len(key), f"seed {seed}: the tree holds {held} of a {len(key)}-token key"
+    assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"
+
+
+def test_a_match_inside_a_compressed_turn_is_reused_only_if_it_keeps_enough():
+    """A cut keeps, per group, the slots all its heads filled before it. Owners at the
+    segment's end (every head kept only late tokens) leave a cut at its middle almost
+    nothing: admission's match (`req` given) then ends at the segment's start, unless
+    --tangram-cut-reuse is 0; owners spread over the segment keep about a fresh
+    compression's share and are reused; a clean cut is always reused; SGLang's own
+    matches (no `req`) are never shortened."""
+    seed = random.randrange(10_000)
+    rng = random.Random(seed)
+    cache, allocator = make_cache(seed)
+    n = rng.randint(60, 120)
+    tokens = [rng.randrange(VOCAB) for _ in range(n)]
+    values = allocator.alloc(n)
+    segment = allocator.begin_extend([1], [values[:0]], [values]).segments[0]
+    assert segment.compress, f"seed {seed}: the segment keeps every token"
+    spread = rng.random() < 0.5
+    if spread:  # the j-th of k kept slots owned by position ~ j * n / k
+        owners = [torch.div(torch.arange(k) * n, k, rounding_mode="floor") for k in segment.kept]
+        allocator.assign_owners(segment, owners)
+    cache.insert(InsertParams(key=RadixKey(tokens), value=values))
+    allocator.release_row(1)
+    m = n // 2
+    keeps = allocator.group_counts(values[:m]).tolist()
+    fresh = allocator.kept(m)
+    lossy = any(c < 0.5 * f for c, f in zip(keeps, fresh, strict=True))
+    assert lossy != spread, f"seed {seed}: keeps {keeps} of a fresh {fresh} (spread {spread})"
+    for share in (0.5, 0.0):
+        allocator.cut_reuse = share
+        reused = len(match(cache, tokens[:m], Request()).device_indices)
+        expected = 0 if lossy and share > 0 else m
+        assert reused == expected, (
+            f"seed {seed}: a cut at {m} of {n} keeping {keeps} of a fresh {fresh} at share "
+            f"{share}: reused {reused}, expected {expected}"
+        )
+    assert len(match(cache, tokens[:m]).device_indices) == m, "SGLang's own match shortened"
+    allocator.cut_reuse = 1.0
+    follow = tokens + [rng.randrange(VOCAB) for _ in range(5)]
+    assert len(match(cache, follow, Request()).device_indices) == n, (
+        f"seed {seed}: the whole turn (a clean cut) was not reused at share 1.0"
+    )
+    cache.evict(EvictParams(num_tokens=10**9))
     assert allocator.leaks() == [], f"seed {seed}: {allocator.leaks()}"

@@ -16,10 +16,12 @@ import multiprocessing
 import random
 
 import pytest
+import torch
 
 from tangram_sglang import plugin
 from tangram_sglang.compress import SCORERS
 from tangram_sglang.config import DEFAULT_FUSION, ConfigError, TangramConfig, model_conflicts
+from tangram_sglang.memory.allocator import CUT_REUSE, build_tangram_pools
 from tangram_sglang.memory.budget import serving_workload
 from tangram_sglang.offline.profile import ModelIdentity, uniform_profile
 
@@ -113,6 +115,21 @@ def test_the_pools_are_split_for_the_given_session_shape(model_dir):
     assert (got.context, got.turns, got.user_tokens, got.answer_tokens) == tuple(shape), got
     default = TangramConfig.from_server_args(parse(_base(model_dir) + flags))
     assert default.serving_workload(8192) == serving_workload(8192), "default shape changed"
+
+
+def test_cut_reuse_is_stored_and_reaches_the_allocator(model_dir):
+    share = round(random.uniform(0.0, 1.0), 3)
+    flags = ["--kv-compression", "uniform", "--tangram-ratio", "0.5"]
+    config = TangramConfig.from_server_args(
+        parse(_base(model_dir) + flags + ["--tangram-cut-reuse", str(share)])
+    )
+    assert config.cut_reuse == share, f"--tangram-cut-reuse {share} not stored: {config}"
+    profile = config.validate(model_dir)
+    for given, used in ((share, share), (None, CUT_REUSE)):
+        _, allocator = build_tangram_pools(
+            profile, 0.5, "snapkv", 256, torch.float32, "cpu", 4, 128, cut_reuse=given
+        )
+        assert allocator.cut_reuse == used, f"cut_reuse {given}: the allocator has {used}"
 
 
 def test_fusion_is_stored_and_fastfusion_keeps_every_token(model_dir):
@@ -279,6 +296,16 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
             ["--kv-compression", "fastfusion", "--tp-size", "2"],
             "Fast Fusion with tensor parallelism (--tp-size 2",
         ),
+        (["--tangram-cut-reuse", "0.5"], "--tangram-cut-reuse given without --kv-compression"),
+        (
+            ["--kv-compression", "uniform", "--tangram-ratio", "0.5", "--tangram-cut-reuse", "0.5"]
+            + ["--tp-size", "2"],
+            "--tangram-cut-reuse 0.5 with tensor parallelism (--tp-size 2",
+        ),
+        (
+            ["--kv-compression", "uniform", "--tangram-ratio", "0.5", "--tangram-cut-reuse", "-1"],
+            "--tangram-cut-reuse -1.0 is outside [0, 1]",
+        ),
     ],
     ids=[
         "tangram-no-profile",
@@ -291,6 +318,9 @@ def test_all_unsupported_features_are_named_in_one_message(model_dir, profile_fi
         "fastfusion-with-ratio",
         "fusion-out-of-range",
         "fusion-with-tp",
+        "stray-cut-reuse",
+        "cut-reuse-with-tp",
+        "cut-reuse-out-of-range",
     ],
 )
 def test_missing_or_stray_flag_is_refused(model_dir, flags, message):

@@ -190,6 +190,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
         self.split_check: SplitCheck | None = None  # set where the split's shape is known
+        self.cut_reuse = CUT_REUSE  # what a lossy radix cut must keep (memory/radix.py)
+        self.lossy_cuts = {"reused": 0, "recomputed": 0}  # host: admission's cut decisions
         self.fusion = fusion
         self.extra = (
             [  # per group slot, its owners beyond the first (with fusion only)
@@ -382,6 +384,34 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.fused[g] += int(member.numel())
 
     # ---- group rows ------------------------------------------------------------------
+
+    def split_facts(self, head: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """`group_counts(head)` and whether `tail` (the logical slots after a cut) starts a
+        segment, so that the cut is clean (True when `tail` is empty): one device read."""
+        device = self.logical_to_group.device
+        counts = (self.logical_to_group[:, head.to(device).long()] > 0).sum(1)
+        first = self.seg_pos[tail[:1].to(device).long()]
+        both = torch.cat((counts, (first == 0).long())).cpu()
+        return both[: self.pool.num_groups], bool(both[self.pool.num_groups :].all())
+
+    def lossy_cut(self, prefix: torch.Tensor) -> int | None:
+        """For logical slots `prefix` that end inside a compressed segment: the segment's
+        start within `prefix` if the cut keeps, in some group, less than `cut_reuse` of the
+        group slots a fresh compression of the segment's part before it would keep; None
+        if the cut is worth reusing. The cut keeps, per group, only the slots that all the
+        group's heads filled with earlier tokens (the owners), and one head that kept
+        little before the cut empties the group for all (two device reads; rare)."""
+        m = int(prefix.numel())
+        if m == 0:
+            return None
+        start = m - 1 - int(self.seg_pos[prefix[m - 1 :].to(self.seg_pos.device).long()].item())
+        counts = self.group_counts(prefix[start:]).tolist()
+        fresh = self.kept(m - start)
+        if all(c >= self.cut_reuse * f for c, f in zip(counts, fresh, strict=True)):
+            self.lossy_cuts["reused"] += 1
+            return None
+        self.lossy_cuts["recomputed"] += 1
+        return start
 
     def group_counts(self, logical: torch.Tensor) -> torch.Tensor:
         """Per group, how many group slots the logical slots `logical` map to (host `[G]`)."""
@@ -628,6 +658,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
             "window": self.rule.window,
             **self.budget.describe(),
             "split": self.split_check.describe() if self.split_check else None,
+            "lossy_cuts": {"share": self.cut_reuse, **self.lossy_cuts},
             "fusion": None
             if self.fusion is None
             else {
@@ -692,6 +723,12 @@ LOGICAL_CAP = 16  # the logical space is at most this many times the full-KV tok
 # fused token costs a logical slot but no group slot, and SGLang's raw-token gate counts
 # logical slots (the per-group gates of Budget Reservation still bound the bytes).
 FUSION_LOGICAL = 4
+# A radix match ending inside a compressed segment is reused only if every group keeps at
+# least this share of what compressing that part afresh keeps (--tangram-cut-reuse;
+# memory/radix.py, "lossy cuts"). Off by default: a refused cut leaves the request's own
+# turn uncacheable (it straddles the tree's end), so a shared system prompt judged lossy
+# would cost every later session its radix hits.
+CUT_REUSE = 0.0
 
 
 def build_tangram_pools(
@@ -707,6 +744,7 @@ def build_tangram_pools(
     tp_rank: int = 0,
     tp_size: int = 1,
     fusion: float | None = None,
+    cut_reuse: float | None = None,
 ) -> tuple[TangramKVPool, TangramAllocator]:
     """The pools for the KV bytes SGLang sized for `full_tokens` uncompressed tokens.
 
@@ -722,7 +760,8 @@ def build_tangram_pools(
     never holds more than the group has (SGLang's context length is often far longer).
     Under tensor parallelism each rank stores its own heads (`PoolLayout.shard`) with the
     slot counts every rank can hold (`agreed_pool_slots`). `fusion`: the Fast Fusion
-    threshold (None: off); it widens the logical space (`FUSION_LOGICAL`).
+    threshold (None: off); it widens the logical space (`FUSION_LOGICAL`). `cut_reuse`:
+    what a lossy radix cut must keep to be reused (None: `CUT_REUSE`).
     """
     shards = PoolLayout.from_profile(profile, ratio).shards(tp_size)
     layout = shards[tp_rank]
@@ -741,5 +780,6 @@ def build_tangram_pools(
     kv_pool = TangramKVPool(pool, logical, method)
     batch_fusion = None if fusion is None else BatchFusion(pool, fusion)
     allocator = TangramAllocator(logical, kv_pool, rule, fusion=batch_fusion)
+    allocator.cut_reuse = CUT_REUSE if cut_reuse is None else float(cut_reuse)
     allocator.split_check = SplitCheck(workload, layout.ratios, rule)
     return kv_pool, allocator

@@ -20,6 +20,21 @@ their logical slots own. Two rules keep what a request adds consistent:
   the request's own (admission counted the tree's as evictable), and then re-points the
   request's group rows at them (its own duplicates are freed).
 
+A lossy cut costs accuracy where one head kept little before it: the cut keeps, per group,
+only the slots every head of the group filled with earlier tokens, so that head empties
+the group for all (docs/architecture.md, "A cut is reused only if it keeps enough": near-
+copies of a needle document on SmolLM2). With `--tangram-cut-reuse SHARE` > 0, admission's
+match (the one that passes `req`) reuses a cut inside a compressed segment only if every
+group keeps at least SHARE of what a fresh compression of the segment's part before the
+cut keeps (`TangramAllocator.lossy_cut`); otherwise it ends at the segment's start, a
+clean cut, and the request recomputes the rest; its own segment then straddles the
+tree's end and is not cached (below), which is why the default is 0 (always reuse): a
+shared system prompt judged lossy would cost every later session its radix hits. Cuts at
+segment boundaries (every later turn of a session: the whole history) are exact and never
+judged; whether a node ends at a clean cut is kept on the host (`_clean_end`, read at the
+split that makes the node), so a clean match reads nothing more. Under tensor
+parallelism the ranks hold other heads and would judge a cut differently: refused there.
+
 Eviction and duplicate frees go through `TangramAllocator.free`, which frees every group.
 Page size 1 only.
 
@@ -41,6 +56,7 @@ equal to a walk; otherwise compression is refused, naming the method.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 
@@ -77,6 +93,7 @@ class TangramRadixCache(RadixCache):
     def reset(self) -> None:
         super().reset()
         self._node_slots: dict = {}  # TreeNode -> host [G] group slots of its value
+        self._clean_end: dict = {}  # TreeNode -> whether its end is a clean cut (host)
         self._evictable_slots = torch.zeros(self.allocator.pool.num_groups, dtype=torch.int64)
         self._edits, self._checked = 0, -1  # tree edits so far; edits at the last check
 
@@ -88,7 +105,15 @@ class TangramRadixCache(RadixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         if params.req is not None and params.req in self._recompute:
             return self._empty_match_result
-        return super().match_prefix(params)
+        result = super().match_prefix(params)
+        node = result.last_device_node
+        if params.req is None or self._clean_end.get(node, True) or self.allocator.cut_reuse <= 0:
+            return result  # (SGLang's own matches of what a request just inserted pass no req)
+        start = self.allocator.lossy_cut(result.device_indices)
+        if start is None:
+            return result
+        # Too lossy: the match ends where the cut segment starts (a clean cut).
+        return super().match_prefix(dataclasses.replace(params, key=params.key[:start]))
 
     def insert(self, params: InsertParams) -> InsertResult:
         if self.disable or params.key is None or params.value is None:
@@ -161,6 +186,7 @@ class TangramRadixCache(RadixCache):
         if prefix_len < len(key):  # the rest of the key became a new, unlocked leaf
             slots = self.allocator.group_counts(last.value)
             self._node_slots[last] = slots
+            self._clean_end[last] = True  # a cached key ends after a whole segment
             self._evictable_slots += slots
         self._edits += 1
         return prefix_len, last
@@ -168,7 +194,9 @@ class TangramRadixCache(RadixCache):
     def _split_node(self, key, child, split_len):
         whole = self._node_slots[child]
         head = super()._split_node(key, child, split_len)
-        self._node_slots[head] = self.allocator.group_counts(head.value)
+        self._node_slots[head], self._clean_end[head] = self.allocator.split_facts(
+            head.value, child.value
+        )
         self._node_slots[child] = whole - self._node_slots[head]
         self._edits += 1
         return head  # same lock count as child: the evictable total is unchanged
@@ -188,6 +216,7 @@ class TangramRadixCache(RadixCache):
     def _delete_leaf(self, node) -> None:
         super()._delete_leaf(node)
         self._evictable_slots -= self._node_slots.pop(node)
+        self._clean_end.pop(node, None)
         self._edits += 1
 
     def _path_slots(self, node, lock_ref: int) -> torch.Tensor:
