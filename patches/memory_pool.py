@@ -57,8 +57,7 @@ def init_pools(
         tp_rank=tp_rank,
         tp_size=tp_size,
         fusion=config.fusion_threshold,
-        # Ranks hold other heads and would judge a cut each by their own: off under TP.
-        cut_reuse=0.0 if tp_size > 1 else config.cut_reuse,
+        cut_reuse=config.cut_reuse,  # > 0 is refused with TP (patches/server_args.py)
     )
     pool = kv_pool.pool
     full, tangram = serving_sessions(

@@ -73,8 +73,8 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         default="none",
         help="none: stock SGLang. tangram: per-head budgets from --tangram-profile. "
         "uniform: one ratio (--tangram-ratio) for every head, same machinery (baseline). "
-        "fastfusion: every token kept; near-identical 16-token blocks of a batch's requests "
-        "stored once (Fast Fusion at --tangram-fusion, default 0.95).",
+        "fastfusion: every token kept; near-identical 16-token blocks of different requests "
+        "at the same positions stored once (Fast Fusion at --tangram-fusion, default 0.95).",
     )
     group.add_argument(
         "--tangram-profile", help="Profile YAML calibrated for this model (tangram mode)."
@@ -113,7 +113,8 @@ def add_flags(_result: None, parser: argparse.ArgumentParser) -> None:
         metavar="TAU",
         help="Fast Fusion: after each prefill batch, a 16-token block of new KV whose K and V "
         "keep cosine >= TAU (and a norm ratio within [TAU, 1/TAU]) to an earlier request's "
-        "block in every layer of its head group reads that block and frees its own slots. "
+        "block at the same position (in the batch, or still held from an earlier one) in "
+        "every layer of its head group reads that block and frees its own slots. "
         "1.0 shares only bit-identical blocks (lossless). With --kv-compression tangram or "
         "uniform; fastfusion's default is 0.95.",
     )
@@ -164,7 +165,7 @@ def unsupported(args: Any) -> list[str]:
         found.append(
             f"--tangram-cut-reuse {cut_reuse} with tensor parallelism (--tp-size "
             f"{args.tp_size}: each rank holds other heads, so each would judge a cut by its "
-            "own, and the ranks must agree on every match; it is off, 0, there)"
+            "own, and the ranks must agree on every match; leave it at 0)"
         )
     if args.pp_size > 1:
         found.append(f"pipeline parallelism (--pp-size {args.pp_size})")

@@ -22,13 +22,13 @@ their logical slots own. Two rules keep what a request adds consistent:
 
 A lossy cut costs accuracy where one head kept little before it: the cut keeps, per group,
 only the slots every head of the group filled with earlier tokens, so that head empties
-the group for all (docs/architecture.md, "A cut is reused only if it keeps enough": near-
-copies of a needle document on SmolLM2). With `--tangram-cut-reuse SHARE` > 0, admission's
+the group for all (docs/architecture.md, "What a lossy cut costs": near-copies of a
+needle document on SmolLM2). With `--tangram-cut-reuse SHARE` > 0, admission's
 match (the one that passes `req`) reuses a cut inside a compressed segment only if every
 group keeps at least SHARE of what a fresh compression of the segment's part before the
 cut keeps (`TangramAllocator.lossy_cut`); otherwise it ends at the segment's start, a
 clean cut, and the request recomputes the rest; its own segment then straddles the
-tree's end and is not cached (below), which is why the default is 0 (always reuse): a
+tree's end and is not cached (the first rule above), which is why the default is 0 (always reuse): a
 shared system prompt judged lossy would cost every later session its radix hits. Cuts at
 segment boundaries (every later turn of a session: the whole history) are exact and never
 judged; whether a node ends at a clean cut is kept on the host (`_clean_end`, read at the
