@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from fusion_serve import report_head  # noqa: E402
 from serve import config_args, pool_state  # noqa: E402
 
 from tangram_sglang.accuracy import corpus  # noqa: E402
@@ -49,11 +50,11 @@ def sessions(server, text: list[int], args) -> list[dict]:
 
 def markdown(args, results: dict, seconds: float) -> str:
     lines = [
-        f"# `--tangram-cut-reuse` and a shared system prompt, {time.strftime('%Y-%m-%d')}",
-        "",
-        f"- Command: `python bench/cut_reuse.py {' '.join(sys.argv[1:])}`",
-        f"- Device: CPU, fp32, SmolLM2-135M-Instruct, `{args.config}` with the shipped HeadKV "
-        f"profile, one server per share; {seconds:.0f} s",
+        *report_head(
+            "`--tangram-cut-reuse` and a shared system prompt",
+            f"SmolLM2-135M-Instruct, `{args.config}` with the shipped HeadKV profile, one "
+            f"server per share; {seconds:.0f} s",
+        ),
         f"- {args.sessions} sessions: the same {args.system} system tokens, then {args.user} "
         f"tokens of their own (the shipped essays), {args.new_tokens} answer tokens; a second turn "
         f"adds {args.follow} tokens. Sessions run one after the other.",

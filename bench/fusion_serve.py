@@ -191,12 +191,22 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
+def report_head(title: str, device: str) -> list[str]:
+    """A CPU server report's first lines: the title and date, the command, the device."""
+    return [
+        f"# {title}, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"- Command: `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`",
+        f"- Device: CPU, fp32, {device}",
+    ]
+
+
 def markdown(args, table: dict, seconds: float) -> str:
     lines = [
-        f"# Fast Fusion served on SmolLM2-135M-Instruct, {time.strftime('%Y-%m-%d')}",
-        "",
-        f"- Command: `python bench/fusion_serve.py {' '.join(sys.argv[1:])}`",
-        f"- Device: CPU, fp32, SGLang 0.5.17 server per configuration; {seconds:.0f} s",
+        *report_head(
+            "Fast Fusion served on SmolLM2-135M-Instruct",
+            f"SGLang 0.5.17 server per configuration; {seconds:.0f} s",
+        ),
         f"- Workload: {args.samples} samples of `{args.task}` at ~{args.words} words; each sent "
         + (
             f"as {args.batch} copies one by one (each its own batch, after the previous one "
