@@ -56,13 +56,15 @@ class ConfigError(ValueError):
     """A flag or flag combination Tangram refuses; the message names the flag."""
 
 
-def _in_unit_interval(value: Any) -> bool:
-    """A number (not a bool, not NaN) in (0, 1]: a memory share or a fusion threshold."""
+def _in_unit_interval(value: Any, zero: bool = False) -> bool:
+    """A number (not a bool, not NaN) in (0, 1], or [0, 1] with `zero`: a memory share, a
+    fusion threshold, a cut-reuse share."""
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and not math.isnan(value)
-        and 0.0 < value <= 1.0
+        and (value >= 0.0 if zero else value > 0.0)
+        and value <= 1.0
     )
 
 
@@ -189,11 +191,7 @@ class TangramConfig:
                 f"--tangram-fusion {self.fusion!r} is outside (0, 1]: the cosine a fused block "
                 "keeps to the block it reads (1.0: only bit-identical blocks)"
             )
-        if self.cut_reuse is not None and not (
-            isinstance(self.cut_reuse, (int, float))
-            and not isinstance(self.cut_reuse, bool)
-            and 0.0 <= self.cut_reuse <= 1.0
-        ):
+        if self.cut_reuse is not None and not _in_unit_interval(self.cut_reuse, zero=True):
             raise ConfigError(
                 f"--tangram-cut-reuse {self.cut_reuse!r} is outside [0, 1]: the share of a "
                 "fresh compression's kept tokens a cached prefix ending inside a compressed "

@@ -245,18 +245,8 @@ def extend_chunk(a: TangramAllocator, row: int, prefix: torch.Tensor, doc: int, 
     after its `prefix` logical slots, stored at their positions, then fused."""
     new = a.alloc(n)
     state = a.begin_extend([row], [prefix], [new])
-    start = prefix.numel()
-    for layer, (k, v) in enumerate(layer_kv(doc, total, a)):
-        for g in range(a.pool.num_groups):
-            heads = list(a.pool.heads_in(g, layer))
-            if heads:
-                a.pool.write(
-                    layer,
-                    g,
-                    state.segments[0].slots[g],
-                    k[start : start + n, heads],
-                    v[start : start + n, heads],
-                )
+    at = slice(prefix.numel(), prefix.numel() + n)
+    store(a, state.segments[0], [(k[at], v[at]) for k, v in layer_kv(doc, total, a)])
     a.fuse(state)
     return torch.cat((prefix, new))
 

@@ -177,6 +177,7 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         rule: BudgetRule,
         need_sort: bool = False,
         fusion: BatchFusion | None = None,
+        cut_reuse: float | None = None,
     ) -> None:
         pool = kvcache.pool
         super().__init__(size, 1, pool.dtype, str(pool.device), kvcache, need_sort)
@@ -190,7 +191,8 @@ class TangramAllocator(BaseTokenToKVPoolAllocator):
         self.row_lens = torch.zeros((G, pool.max_requests + 1), dtype=torch.int64)  # host
         self.budget = BudgetReservation(self.ratios, rule, pool.slots, pool.max_requests)
         self.split_check: SplitCheck | None = None  # set where the split's shape is known
-        self.cut_reuse = CUT_REUSE  # what a lossy radix cut must keep (memory/radix.py)
+        # What a lossy radix cut must keep to be reused (memory/radix.py; None: CUT_REUSE).
+        self.cut_reuse = CUT_REUSE if cut_reuse is None else float(cut_reuse)
         self.lossy_cuts = {"reused": 0, "recomputed": 0}  # host: admission's cut decisions
         self.fusion = fusion
         self.extra = (
@@ -779,7 +781,6 @@ def build_tangram_pools(
     logical = min(logical, LOGICAL_CAP * full_tokens)
     kv_pool = TangramKVPool(pool, logical, method)
     batch_fusion = None if fusion is None else BatchFusion(pool, fusion)
-    allocator = TangramAllocator(logical, kv_pool, rule, fusion=batch_fusion)
-    allocator.cut_reuse = CUT_REUSE if cut_reuse is None else float(cut_reuse)
+    allocator = TangramAllocator(logical, kv_pool, rule, fusion=batch_fusion, cut_reuse=cut_reuse)
     allocator.split_check = SplitCheck(workload, layout.ratios, rule)
     return kv_pool, allocator

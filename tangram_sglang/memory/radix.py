@@ -28,8 +28,9 @@ match (the one that passes `req`) reuses a cut inside a compressed segment only 
 group keeps at least SHARE of what a fresh compression of the segment's part before the
 cut keeps (`TangramAllocator.lossy_cut`); otherwise it ends at the segment's start, a
 clean cut, and the request recomputes the rest; its own segment then straddles the
-tree's end and is not cached (the first rule above), which is why the default is 0 (always reuse): a
-shared system prompt judged lossy would cost every later session its radix hits. Cuts at
+tree's end and is not cached (the first rule above), which is why the default is 0
+(always reuse): a shared system prompt judged lossy would cost every later session its
+radix hits. Cuts at
 segment boundaries (every later turn of a session: the whole history) are exact and never
 judged; whether a node ends at a clean cut is kept on the host (`_clean_end`, read at the
 split that makes the node), so a clean match reads nothing more. Under tensor
@@ -107,7 +108,7 @@ class TangramRadixCache(RadixCache):
             return self._empty_match_result
         result = super().match_prefix(params)
         node = result.last_device_node
-        if params.req is None or self._clean_end.get(node, True) or self.allocator.cut_reuse <= 0:
+        if self.allocator.cut_reuse <= 0 or params.req is None or self._clean_end.get(node, True):
             return result  # (SGLang's own matches of what a request just inserted pass no req)
         start = self.allocator.lossy_cut(result.device_indices)
         if start is None:
